@@ -1,1 +1,31 @@
-pub fn _placeholder() {}
+//! libublk: a Linux ublk (userspace block device) server engine.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use ublk::{Device, DeviceConfig, targets::NullTarget};
+//! let cfg = DeviceConfig { size: 1 << 30, queues: 2, ..Default::default() };
+//! let mut dev = Device::new(cfg)?;
+//! dev.start(Arc::new(|_q: &ublk::QueueInfo| Ok(Box::new(NullTarget) as Box<dyn ublk::Target>)))?;
+//! println!("serving {}", dev.block_path().display());
+//! dev.serve_until_signal()?;
+//! # Ok::<(), ublk::Error>(())
+//! ```
+
+pub mod sys;
+mod buf;
+pub mod ctrl;
+mod device;
+mod error;
+mod io;
+mod queue;
+pub mod state;
+mod stats;
+mod target;
+pub mod targets;
+
+pub use device::{data_mode_name, delete_device, feature_names, kernel_features, Device, DeviceConfig, DiscardLimits, StopHandle};
+pub use error::{errno_name, strerror, Error, Result};
+pub use io::{Completion, Io, IoFlags, Op};
+pub use queue::{QueueCtx, QueueInfo};
+pub use stats::QueueStatsSnapshot;
+pub use target::{Target, TargetFactory};

@@ -1,0 +1,251 @@
+//! What a target sees of one request: [`Io`] on the queue thread, and
+//! [`Completion`], a `Send` handle that completes the request from any thread.
+
+use crate::error::{Error, Result};
+use crate::sys;
+use crossbeam_channel::Sender;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The operation of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Discard,
+    WriteZeroes,
+    /// An op this engine does not serve (zone ops…); completed with EOPNOTSUPP
+    /// unless the target handles it.
+    Other(u8),
+}
+
+impl Op {
+    pub fn from_raw(op: u8) -> Op {
+        match op {
+            sys::UBLK_IO_OP_READ => Op::Read,
+            sys::UBLK_IO_OP_WRITE => Op::Write,
+            sys::UBLK_IO_OP_FLUSH => Op::Flush,
+            sys::UBLK_IO_OP_DISCARD => Op::Discard,
+            sys::UBLK_IO_OP_WRITE_ZEROES => Op::WriteZeroes,
+            o => Op::Other(o),
+        }
+    }
+
+    /// READ and WRITE move data; the result of those is a byte count.
+    pub fn has_data(self) -> bool {
+        matches!(self, Op::Read | Op::Write)
+    }
+}
+
+/// Request flags (`UBLK_IO_F_*` bits of the descriptor).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IoFlags(pub u32);
+
+impl IoFlags {
+    /// Force unit access: the write must be durable when completed.
+    pub fn fua(self) -> bool {
+        self.0 & sys::UBLK_IO_F_FUA != 0
+    }
+    /// WRITE_ZEROES must not deallocate.
+    pub fn nounmap(self) -> bool {
+        self.0 & sys::UBLK_IO_F_NOUNMAP != 0
+    }
+}
+
+// Tag life cycle, kept in one atomic per tag: (seq << 2) | phase.
+pub(crate) const PHASE_KERNEL: u64 = 0; // the kernel owns the tag (FETCH/COMMIT pending)
+pub(crate) const PHASE_TARGET: u64 = 1; // the target owns the request
+pub(crate) const PHASE_DONE: u64 = 2; // completed, commit pending on the queue thread
+
+/// State the queue shares with completion handles on other threads.
+pub(crate) struct QueueShared {
+    pub q_id: u16,
+    pub tags: Box<[AtomicU64]>,
+    pub tx: Sender<(u16, i32)>,
+    pub eventfd: RawFd,
+    pub wake_pending: AtomicBool,
+    pub stats: crate::stats::QueueStats,
+    /// Kept alive as long as any Completion may still touch a buffer.
+    pub _bufs: Arc<crate::buf::TagBuffers>,
+}
+
+impl QueueShared {
+    /// Moves a tag from "owned by the target" to "done" if `seq` is current.
+    pub(crate) fn claim(&self, tag: u16, seq: u64) -> Result<()> {
+        let slot = self.tags.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
+        let want = (seq << 2) | PHASE_TARGET;
+        slot.compare_exchange(want, (seq << 2) | PHASE_DONE, Ordering::AcqRel, Ordering::Acquire).map(drop).map_err(|cur| {
+            if cur >> 2 == seq {
+                Error::new(libc::EALREADY, format!("request q{} tag {tag} was already completed", self.q_id))
+            } else {
+                Error::new(libc::ESTALE, format!("request q{} tag {tag} is not in flight any more (stale handle)", self.q_id))
+            }
+        })
+    }
+
+    /// Hands a completion to the queue thread and wakes it.
+    pub(crate) fn post(&self, tag: u16, res: i32) {
+        // The receiver lives as long as the queue thread; if it is gone the
+        // device is gone and the completion has nowhere to go.
+        let _ = self.tx.send((tag, res));
+        self.wake();
+    }
+
+    /// Wakes the queue thread (its eventfd read on the ring completes).
+    pub(crate) fn wake(&self) {
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a local to the queue's eventfd, which
+            // stays open as long as any `Arc<QueueShared>` exists.
+            unsafe { libc::write(self.eventfd, &one as *const u64 as *const libc::c_void, 8) };
+        }
+    }
+}
+
+impl Drop for QueueShared {
+    fn drop(&mut self) {
+        // SAFETY: the eventfd is owned by this struct and closed once.
+        unsafe { libc::close(self.eventfd) };
+    }
+}
+
+/// Checks and normalises a completion result for an op of `len` bytes.
+pub(crate) fn check_result(op: Op, len: u32, res: i32) -> Result<i32> {
+    if res < 0 {
+        return Ok(res);
+    }
+    if op.has_data() {
+        if res as u64 > len as u64 {
+            return Err(Error::inval(format!("result {res} is larger than the request length {len}")));
+        }
+        if res == 0 && len > 0 {
+            // A zero-byte READ/WRITE would make the block layer retry forever.
+            return Ok(-libc::EIO);
+        }
+        Ok(res)
+    } else {
+        Ok(0)
+    }
+}
+
+/// One request, as the target sees it on the queue thread.
+pub struct Io<'a> {
+    pub(crate) tag: u16,
+    pub(crate) q_id: u16,
+    pub(crate) op: Op,
+    pub(crate) flags: IoFlags,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
+    pub(crate) buf: *mut u8,
+    pub(crate) seq: u64,
+    pub(crate) _marker: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> Io<'a> {
+    pub fn tag(&self) -> u16 {
+        self.tag
+    }
+    pub fn queue_id(&self) -> u16 {
+        self.q_id
+    }
+    pub fn op(&self) -> Op {
+        self.op
+    }
+    pub fn flags(&self) -> IoFlags {
+        self.flags
+    }
+    /// Byte offset on the device.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+    /// Length in bytes (READ/WRITE: data length; DISCARD/WRITE_ZEROES: range length).
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The request's data: what to write (WRITE) or where to put what is read
+    /// (READ). Empty for ops without data.
+    pub fn buf(&mut self) -> &mut [u8] {
+        if self.buf.is_null() || !self.op.has_data() {
+            return &mut [];
+        }
+        // SAFETY: the queue gives each tag its own buffer of at least `len`
+        // bytes, owned by the target while the request is in flight.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.len as usize) }
+    }
+}
+
+/// Completes one request from any thread. Not `Clone`: a request completes once.
+pub struct Completion {
+    pub(crate) shared: Arc<QueueShared>,
+    pub(crate) tag: u16,
+    pub(crate) seq: u64,
+    pub(crate) op: Op,
+    pub(crate) len: u32,
+    pub(crate) buf: *mut u8,
+    pub(crate) done: bool,
+}
+
+// SAFETY: the buffer pointer is exclusively owned by the holder of the
+// Completion until it completes (the queue does not touch a tag's buffer while
+// the target owns it); everything else is Send.
+unsafe impl Send for Completion {}
+
+impl Completion {
+    pub fn tag(&self) -> u16 {
+        self.tag
+    }
+    pub fn queue_id(&self) -> u16 {
+        self.shared.q_id
+    }
+    pub fn op(&self) -> Op {
+        self.op
+    }
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The request's data buffer, usable until `complete`.
+    pub fn buf(&mut self) -> &mut [u8] {
+        if self.buf.is_null() || !self.op.has_data() {
+            return &mut [];
+        }
+        // SAFETY: see `Io::buf`; the Completion is the unique owner of the request.
+        unsafe { std::slice::from_raw_parts_mut(self.buf, self.len as usize) }
+    }
+
+    /// Completes the request with `res` (bytes done, or a negative errno).
+    ///
+    /// A result larger than the request is a caller bug: it is reported as
+    /// EINVAL and the request is failed with EIO so it never hangs. Completing
+    /// a request that is no longer in flight (device stopped and re-armed) is
+    /// reported as ESTALE and changes nothing.
+    pub fn complete(mut self, res: i32) -> Result<()> {
+        self.done = true;
+        let (res, err) = match check_result(self.op, self.len, res) {
+            Ok(r) => (r, None),
+            Err(e) => (-libc::EIO, Some(e)),
+        };
+        self.shared.claim(self.tag, self.seq)?;
+        self.shared.post(self.tag, res);
+        err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Completion {
+    /// A request whose handle is dropped without completing fails with EIO
+    /// rather than hanging its submitter forever.
+    fn drop(&mut self) {
+        if !self.done && self.shared.claim(self.tag, self.seq).is_ok() {
+            self.shared.post(self.tag, -libc::EIO);
+        }
+    }
+}

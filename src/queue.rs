@@ -1,0 +1,380 @@
+//! The queue engine: one thread and one io_uring per queue. It FETCHes every
+//! tag, hands each request to the target, submits the target's backing IO on
+//! the same ring, and COMMIT_AND_FETCHes results, whether they come inline or
+//! from other threads (through a channel and an eventfd read armed on the ring).
+
+use crate::buf::{DescArray, TagBuffers};
+use crate::error::{Error, Result};
+use crate::io::{check_result, Completion, Io, IoFlags, Op, QueueShared, PHASE_KERNEL, PHASE_TARGET};
+use crate::sys;
+use crate::target::Target;
+use crossbeam_channel::Receiver;
+use io_uring::{opcode, squeue, types, IoUring};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+// user_data layout: kind in bits 62..63, target data in bits 16..47, tag in 0..15.
+const KIND_SHIFT: u32 = 62;
+const KIND_CMD: u64 = 0;
+const KIND_BACKING: u64 = 1;
+const KIND_WAKE: u64 = 2;
+
+fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
+    (kind << KIND_SHIFT) | ((data as u64) << 16) | tag as u64
+}
+
+/// What a queue thread needs to know to start.
+#[derive(Clone)]
+pub(crate) struct QueueSetup {
+    pub dev_id: u32,
+    pub q_id: u16,
+    pub depth: u16,
+    pub buf_bytes: u32,
+    pub char_fd: RawFd,
+    pub affinity: Vec<usize>,
+    pub force_exit: Arc<AtomicBool>,
+}
+
+/// Facts about a queue, given to the target factory.
+#[derive(Debug, Clone)]
+pub struct QueueInfo {
+    pub dev_id: u32,
+    pub queue_id: u16,
+    pub depth: u16,
+    /// Largest request in bytes.
+    pub max_io_bytes: u32,
+}
+
+/// Per-tag bookkeeping private to the queue thread.
+#[derive(Clone, Copy)]
+struct TagLocal {
+    seq: u64,
+    op: Op,
+    off: u64,
+    len: u32,
+}
+
+/// Everything of a queue except the target, so both can be borrowed at once.
+pub(crate) struct QueueCore {
+    ring: IoUring,
+    shared: Arc<QueueShared>,
+    bufs: Arc<TagBuffers>,
+    descs: DescArray,
+    local: Vec<TagLocal>,
+    info: QueueInfo,
+    char_fd: RawFd,
+    in_kernel: u32,
+    target_owned: u32,
+    backing_inflight: u32,
+    /// Target of the eventfd read; leaked so a read still pending when the
+    /// ring is torn down can never write to freed memory.
+    wake_buf: &'static mut u64,
+    force_exit: Arc<AtomicBool>,
+}
+
+/// The queue as a target sees it while handling a request or a backing
+/// completion: complete requests, defer them to other threads, submit backing IO.
+pub struct QueueCtx<'a> {
+    core: &'a mut QueueCore,
+}
+
+impl QueueCtx<'_> {
+    pub fn info(&self) -> &QueueInfo {
+        &self.core.info
+    }
+
+    /// Completes the request of `tag` now, on the queue thread.
+    pub fn complete(&mut self, tag: u16, res: i32) -> Result<()> {
+        let c = &mut *self.core;
+        let l = *c.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
+        let (res, err) = match check_result(l.op, l.len, res) {
+            Ok(r) => (r, None),
+            Err(e) => (-libc::EIO, Some(e)),
+        };
+        c.shared.claim(tag, l.seq)?;
+        c.commit(tag, res);
+        err.map_or(Ok(()), Err)
+    }
+
+    /// Device byte offset and length of the request `tag` currently carries.
+    pub fn request_range(&self, tag: u16) -> Option<(u64, u32)> {
+        self.core.local.get(tag as usize).map(|l| (l.off, l.len))
+    }
+
+    /// Hands the request to whoever will complete it later, from any thread.
+    pub fn defer(&mut self, io: Io<'_>) -> Completion {
+        Completion {
+            shared: self.core.shared.clone(),
+            tag: io.tag,
+            seq: io.seq,
+            op: io.op,
+            len: io.len,
+            buf: io.buf,
+            done: false,
+        }
+    }
+
+    fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> Result<*mut u8> {
+        let l = self.core.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
+        if !l.op.has_data() || buf_off as u64 + len as u64 > l.len as u64 {
+            return Err(Error::inval(format!("range {buf_off}+{len} outside the {}-byte request of tag {tag}", l.len)));
+        }
+        let base = self.core.bufs.get(tag);
+        if base.is_null() {
+            return Err(Error::new(libc::EOPNOTSUPP, "this data mode has no server buffer"));
+        }
+        // SAFETY: buf_off + len <= request length <= slot size.
+        Ok(unsafe { base.add(buf_off as usize) })
+    }
+
+    /// Reads `len` bytes at `file_off` of `fd` into the request buffer at
+    /// `buf_off`; `backing_complete(tag, data, res)` follows.
+    pub fn read_at(&mut self, tag: u16, fd: RawFd, file_off: u64, buf_off: u32, len: u32, data: u32) -> Result<()> {
+        let p = self.check_range(tag, buf_off, len)?;
+        let e = opcode::Read::new(types::Fd(fd), p, len).offset(file_off).build();
+        // SAFETY: the target range lies inside the tag's buffer, which outlives the op.
+        unsafe { self.submit(e, tag, data) }
+    }
+
+    /// Writes `len` bytes of the request buffer at `buf_off` to `fd` at
+    /// `file_off`, with `rw_flags` (e.g. `RWF_DSYNC` for FUA).
+    pub fn write_at(&mut self, tag: u16, fd: RawFd, file_off: u64, buf_off: u32, len: u32, rw_flags: i32, data: u32) -> Result<()> {
+        let p = self.check_range(tag, buf_off, len)?;
+        let e = opcode::Write::new(types::Fd(fd), p, len).offset(file_off).rw_flags(rw_flags).build();
+        // SAFETY: as in read_at.
+        unsafe { self.submit(e, tag, data) }
+    }
+
+    /// fsync / fdatasync of `fd`.
+    pub fn fsync(&mut self, tag: u16, fd: RawFd, datasync: bool, data: u32) -> Result<()> {
+        let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+        let e = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+        // SAFETY: references no memory.
+        unsafe { self.submit(e, tag, data) }
+    }
+
+    /// fallocate(fd, mode, off, len).
+    pub fn fallocate(&mut self, tag: u16, fd: RawFd, mode: i32, off: u64, len: u64, data: u32) -> Result<()> {
+        let e = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
+        // SAFETY: references no memory.
+        unsafe { self.submit(e, tag, data) }
+    }
+
+    /// Submits any SQE on the queue ring; its completion comes back as
+    /// `backing_complete(tag, data, res)`.
+    ///
+    /// # Safety
+    /// Memory the entry references must stay valid until that completion.
+    pub unsafe fn submit(&mut self, entry: squeue::Entry, tag: u16, data: u32) -> Result<()> {
+        self.core.push(entry.user_data(user_data(KIND_BACKING, tag, data)))?;
+        self.core.backing_inflight += 1;
+        Ok(())
+    }
+}
+
+impl QueueCore {
+    fn push(&mut self, e: squeue::Entry) -> Result<()> {
+        loop {
+            // SAFETY: callers guarantee the memory referenced by `e` stays valid.
+            if unsafe { self.ring.submission().push(&e) }.is_ok() {
+                return Ok(());
+            }
+            self.ring.submit().map_err(|e| Error::from_io(e, "io_uring submit failed"))?;
+        }
+    }
+
+    fn io_cmd(&mut self, op: u32, tag: u16, result: i32) {
+        let cmd = sys::ublksrv_io_cmd { q_id: self.info.queue_id, tag, result, addr: self.bufs.get(tag) as u64 };
+        let mut raw = [0u8; 16];
+        // SAFETY: ublksrv_io_cmd is 16 bytes of plain data.
+        unsafe { std::ptr::write_unaligned(raw.as_mut_ptr() as *mut sys::ublksrv_io_cmd, cmd) };
+        let e = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(raw).build().user_data(user_data(KIND_CMD, tag, 0));
+        if let Err(err) = self.push(e) {
+            // Cannot happen short of a broken ring; the tag is lost, say so.
+            eprintln!("ublk: queue {}: cannot submit command for tag {tag}: {err}", self.info.queue_id);
+            return;
+        }
+        self.in_kernel += 1;
+    }
+
+    /// Issues COMMIT_AND_FETCH for a tag whose phase is already DONE.
+    fn commit(&mut self, tag: u16, res: i32) {
+        let l = self.local[tag as usize];
+        self.shared.tags[tag as usize].store(l.seq << 2 | PHASE_KERNEL, Ordering::Release);
+        self.shared.stats.completed(res, l.op.has_data());
+        self.target_owned -= 1;
+        self.io_cmd(sys::UBLK_U_IO_COMMIT_AND_FETCH_REQ, tag, res);
+    }
+
+    fn arm_wake(&mut self) -> Result<()> {
+        let p = &mut *self.wake_buf as *mut u64 as *mut u8;
+        let e = opcode::Read::new(types::Fd(self.shared.eventfd), p, 8).build().user_data(user_data(KIND_WAKE, 0, 0));
+        self.push(e)
+    }
+}
+
+/// A queue being served on its own thread.
+pub(crate) struct Queue {
+    core: QueueCore,
+    target: Box<dyn Target>,
+    rx: Receiver<(u16, i32)>,
+}
+
+fn set_affinity(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain data; CPU_SET writes inside it for cpu < CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus.iter().filter(|&&c| c < libc::CPU_SETSIZE as usize) {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+fn new_ring(entries: u32) -> Result<IoUring> {
+    let fast = IoUring::builder()
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .setup_coop_taskrun()
+        .setup_cqsize(entries * 2)
+        .build(entries);
+    match fast {
+        Ok(r) => Ok(r),
+        Err(_) => IoUring::builder().setup_cqsize(entries * 2).build(entries).map_err(|e| Error::from_io(e, "cannot create the queue io_uring")),
+    }
+}
+
+impl Queue {
+    /// Sets the queue up on the calling thread (which becomes its daemon):
+    /// ring, descriptor map, buffers, target, and a FETCH for every tag.
+    pub(crate) fn new(s: &QueueSetup, factory: &crate::target::TargetFactory) -> Result<(Queue, Arc<QueueShared>)> {
+        set_affinity(&s.affinity);
+        let entries = (s.depth as u32 * 2 + 8).next_power_of_two();
+        let ring = new_ring(entries)?;
+        let descs = DescArray::map(s.char_fd, s.q_id, s.depth)?;
+        let bufs = Arc::new(TagBuffers::new(s.depth, s.buf_bytes)?);
+        // SAFETY: eventfd has no memory preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(Error::last_os("cannot create an eventfd"));
+        }
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let shared = Arc::new(QueueShared {
+            q_id: s.q_id,
+            tags: (0..s.depth).map(|_| std::sync::atomic::AtomicU64::new(PHASE_KERNEL)).collect(),
+            tx,
+            eventfd: efd,
+            wake_pending: AtomicBool::new(false),
+            stats: Default::default(),
+            _bufs: bufs.clone(),
+        });
+        let info = QueueInfo { dev_id: s.dev_id, queue_id: s.q_id, depth: s.depth, max_io_bytes: s.buf_bytes };
+        let target = factory(&info).map_err(|e| e.context(format!("target setup of queue {}", s.q_id)))?;
+        let mut core = QueueCore {
+            ring,
+            shared: shared.clone(),
+            bufs,
+            descs,
+            local: vec![TagLocal { seq: 0, op: Op::Read, off: 0, len: 0 }; s.depth as usize],
+            info,
+            char_fd: s.char_fd,
+            in_kernel: 0,
+            target_owned: 0,
+            backing_inflight: 0,
+            wake_buf: Box::leak(Box::new(0)),
+            force_exit: s.force_exit.clone(),
+        };
+        core.arm_wake()?;
+        for tag in 0..s.depth {
+            core.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
+        }
+        core.ring.submit().map_err(|e| Error::from_io(e, format!("queue {}: submitting FETCH failed", s.q_id)))?;
+        Ok((Queue { core, target, rx }, shared))
+    }
+
+    fn done(&self) -> bool {
+        let c = &self.core;
+        if c.backing_inflight > 0 {
+            return false;
+        }
+        c.force_exit.load(Ordering::Acquire) || (c.in_kernel == 0 && c.target_owned == 0)
+    }
+
+    /// Serves until every tag is aborted (device stopped) or a forced exit.
+    pub(crate) fn run(mut self) -> Result<()> {
+        let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
+        while !self.done() {
+            match self.core.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(Error::from_io(e, format!("queue {}: io_uring_enter failed", self.core.info.queue_id))),
+            }
+            cqes.clear();
+            cqes.extend(self.core.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(ud, res) in &cqes {
+                self.dispatch(ud, res);
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, ud: u64, res: i32) {
+        let tag = (ud & 0xffff) as u16;
+        match ud >> KIND_SHIFT {
+            KIND_CMD => {
+                self.core.in_kernel -= 1;
+                if res == sys::UBLK_IO_RES_OK {
+                    self.start_io(tag);
+                } else if res != sys::UBLK_IO_RES_ABORT {
+                    eprintln!("ublk: queue {} tag {tag}: command failed: {}", self.core.info.queue_id, Error::new(-res, "FETCH/COMMIT"));
+                }
+            }
+            KIND_BACKING => {
+                self.core.backing_inflight -= 1;
+                let data = ((ud >> 16) & 0xffff_ffff) as u32;
+                let mut ctx = QueueCtx { core: &mut self.core };
+                self.target.backing_complete(&mut ctx, tag, data, res);
+            }
+            _ => {
+                self.core.shared.wake_pending.store(false, Ordering::Release);
+                while let Ok((tag, res)) = self.rx.try_recv() {
+                    self.core.commit(tag, res);
+                }
+                if !self.core.force_exit.load(Ordering::Acquire) {
+                    if let Err(e) = self.core.arm_wake() {
+                        eprintln!("ublk: queue {}: {e}", self.core.info.queue_id);
+                    }
+                }
+            }
+        }
+    }
+
+    fn start_io(&mut self, tag: u16) {
+        let c = &mut self.core;
+        let d = c.descs.get(tag);
+        let op = Op::from_raw(d.op());
+        let len = d.nr_sectors.saturating_mul(512);
+        let seq = c.local[tag as usize].seq + 1;
+        c.local[tag as usize] = TagLocal { seq, op, off: d.start_sector << 9, len };
+        c.shared.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
+        c.shared.stats.started();
+        c.target_owned += 1;
+        let io = Io {
+            tag,
+            q_id: c.info.queue_id,
+            op,
+            flags: IoFlags(d.op_flags & !0xff),
+            offset: d.start_sector << 9,
+            len,
+            buf: c.bufs.get(tag),
+            seq,
+            _marker: std::marker::PhantomData,
+        };
+        let mut ctx = QueueCtx { core: c };
+        self.target.handle_io(&mut ctx, io);
+    }
+}

@@ -1,0 +1,35 @@
+//! The `Target` trait: what serves the requests of a device.
+
+use crate::error::Result;
+use crate::io::Io;
+use crate::queue::{QueueCtx, QueueInfo};
+use std::sync::Arc;
+
+/// Serves the requests of one queue. A target object is made per queue, on the
+/// queue's thread, by a [`TargetFactory`]; it needs not be `Send`. State shared
+/// by the queues lives behind an `Arc` inside it.
+///
+/// For each request the target either
+/// - completes it at once: `ctx.complete(io.tag(), result)`;
+/// - submits backing IO on the queue ring (`ctx.read_at`, `ctx.write_at`,
+///   `ctx.fsync`, `ctx.fallocate`, or `ctx.submit`) and completes the request
+///   from [`Target::backing_complete`];
+/// - or hands it off with `ctx.defer(io)`, getting a `Send` [`crate::Completion`]
+///   that completes it later from any thread.
+///
+/// Results: READ/WRITE return the bytes done (at most `io.len()`), other ops 0;
+/// errors are negative errno values.
+pub trait Target {
+    fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>);
+
+    /// Completion of backing IO submitted for `tag` with user value `data`.
+    /// The default fails the request with the backing IO's error, or succeeds
+    /// with its result.
+    fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
+        let _ = data;
+        let _ = ctx.complete(tag, res);
+    }
+}
+
+/// Makes the target object of each queue (called on the queue thread).
+pub type TargetFactory = Arc<dyn Fn(&QueueInfo) -> Result<Box<dyn Target>> + Send + Sync>;
