@@ -249,3 +249,81 @@ impl Drop for Completion {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(depth: u16) -> (Arc<QueueShared>, crossbeam_channel::Receiver<(u16, i32)>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // SAFETY: eventfd has no memory preconditions.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        assert!(efd >= 0);
+        let s = QueueShared {
+            q_id: 0,
+            tags: (0..depth).map(|_| AtomicU64::new(PHASE_KERNEL)).collect(),
+            tx,
+            eventfd: efd,
+            wake_pending: AtomicBool::new(false),
+            stats: Default::default(),
+            _bufs: Arc::new(crate::buf::TagBuffers::new(depth, 4096).unwrap()),
+        };
+        (Arc::new(s), rx)
+    }
+
+    fn completion(s: &Arc<QueueShared>, tag: u16, seq: u64, op: Op, len: u32) -> Completion {
+        s.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
+        Completion { shared: s.clone(), tag, seq, op, len, buf: s._bufs.get(tag), done: false }
+    }
+
+    #[test]
+    fn results_are_checked() {
+        assert_eq!(check_result(Op::Read, 4096, 4096), Ok(4096));
+        assert_eq!(check_result(Op::Read, 4096, 512), Ok(512));
+        assert_eq!(check_result(Op::Write, 4096, -libc::EIO), Ok(-libc::EIO));
+        assert_eq!(check_result(Op::Read, 4096, 0), Ok(-libc::EIO));
+        assert_eq!(check_result(Op::Read, 4096, 4097).unwrap_err().errno(), libc::EINVAL);
+        // ops without data complete with 0 whatever positive value is given
+        assert_eq!(check_result(Op::Discard, 1 << 20, 1 << 20), Ok(0));
+        assert_eq!(check_result(Op::Flush, 0, 0), Ok(0));
+    }
+
+    #[test]
+    fn completion_from_another_thread() {
+        let (s, rx) = shared(4);
+        let mut c = completion(&s, 2, 7, Op::Read, 4096);
+        assert_eq!(c.buf().len(), 4096);
+        std::thread::spawn(move || c.complete(4096).unwrap()).join().unwrap();
+        assert_eq!(rx.try_recv(), Ok((2, 4096)));
+        // the eventfd was written once
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local.
+        assert_eq!(unsafe { libc::read(s.eventfd, &mut v as *mut u64 as *mut libc::c_void, 8) }, 8);
+        assert_eq!(v, 1);
+    }
+
+    #[test]
+    fn double_and_stale_completion_are_errors() {
+        let (s, rx) = shared(4);
+        let c = completion(&s, 1, 3, Op::Write, 512);
+        assert_eq!(s.claim(1, 3), Ok(()));
+        // the handle's request was already completed (inline by the queue)
+        assert_eq!(c.complete(512).unwrap_err().errno(), libc::EALREADY);
+        // an older handle for a reused tag
+        s.tags[1].store(4 << 2 | PHASE_TARGET, Ordering::Release);
+        assert_eq!(s.claim(1, 3).unwrap_err().errno(), libc::ESTALE);
+        assert_eq!(s.claim(9, 0).unwrap_err().errno(), libc::EINVAL);
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn oversized_result_fails_the_request_and_dropped_handle_fails_with_eio() {
+        let (s, rx) = shared(2);
+        let c = completion(&s, 0, 1, Op::Read, 512);
+        assert_eq!(c.complete(513).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(rx.try_recv(), Ok((0, -libc::EIO)));
+        let c = completion(&s, 1, 1, Op::Write, 512);
+        drop(c);
+        assert_eq!(rx.try_recv(), Ok((1, -libc::EIO)));
+    }
+}
