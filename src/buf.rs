@@ -50,6 +50,13 @@ impl AnonMap {
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr
     }
+
+    /// Asks for small pages only: a sparse store touched at random would
+    /// otherwise zero a whole 2 MiB huge page on the first write to it.
+    pub(crate) fn no_huge_pages(&self) {
+        // SAFETY: advice on our own mapping; failure only loses the hint.
+        unsafe { libc::madvise(self.ptr as *mut libc::c_void, self.len, libc::MADV_NOHUGEPAGE) };
+    }
 }
 
 impl Drop for AnonMap {

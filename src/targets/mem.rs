@@ -18,7 +18,9 @@ pub struct MemStore {
 impl MemStore {
     pub fn new(size: u64) -> Result<Arc<MemStore>> {
         let len = usize::try_from(size).map_err(|_| crate::Error::inval("size too large for memory"))?;
-        Ok(Arc::new(MemStore { map: AnonMap::new(len)?, size }))
+        let map = AnonMap::new(len)?;
+        map.no_huge_pages();
+        Ok(Arc::new(MemStore { map, size }))
     }
 
     fn range(&self, off: u64, len: usize) -> Option<*mut u8> {
