@@ -130,8 +130,10 @@ pub(crate) fn check_result(op: Op, len: u32, res: i32) -> Result<i32> {
     }
 }
 
-/// One request, as the target sees it on the queue thread.
-pub struct Io<'a> {
+/// What a request is: op, flags, device range, and where it lives (queue, tag).
+/// [`Io`] and [`Completion`] dereference to it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
     pub(crate) tag: u16,
     pub(crate) q_id: u16,
     pub(crate) op: Op,
@@ -140,10 +142,9 @@ pub struct Io<'a> {
     pub(crate) len: u32,
     pub(crate) buf: *mut u8,
     pub(crate) seq: u64,
-    pub(crate) _marker: std::marker::PhantomData<&'a mut [u8]>,
 }
 
-impl<'a> Io<'a> {
+impl Request {
     pub fn tag(&self) -> u16 {
         self.tag
     }
@@ -168,26 +169,43 @@ impl<'a> Io<'a> {
         self.len == 0
     }
 
-    /// The request's data: what to write (WRITE) or where to put what is read
-    /// (READ). Empty for ops without data.
-    pub fn buf(&mut self) -> &mut [u8] {
+    /// The data buffer; callers hold the request exclusively.
+    fn data(&mut self) -> &mut [u8] {
         if self.buf.is_null() || !self.op.has_data() {
             return &mut [];
         }
         // SAFETY: the queue gives each tag its own buffer of at least `len`
-        // bytes, owned by the target while the request is in flight.
+        // bytes, owned by whoever holds the request (Io or Completion) while it
+        // is in flight.
         unsafe { std::slice::from_raw_parts_mut(self.buf, self.len as usize) }
+    }
+}
+
+/// One request, as the target sees it on the queue thread.
+pub struct Io<'a> {
+    pub(crate) req: Request,
+    pub(crate) _marker: std::marker::PhantomData<&'a mut [u8]>,
+}
+
+impl std::ops::Deref for Io<'_> {
+    type Target = Request;
+    fn deref(&self) -> &Request {
+        &self.req
+    }
+}
+
+impl Io<'_> {
+    /// The request's data: what to write (WRITE) or where to put what is read
+    /// (READ). Empty for ops without data.
+    pub fn buf(&mut self) -> &mut [u8] {
+        self.req.data()
     }
 }
 
 /// Completes one request from any thread. Not `Clone`: a request completes once.
 pub struct Completion {
     pub(crate) shared: Arc<QueueShared>,
-    pub(crate) tag: u16,
-    pub(crate) seq: u64,
-    pub(crate) op: Op,
-    pub(crate) len: u32,
-    pub(crate) buf: *mut u8,
+    pub(crate) req: Request,
     pub(crate) done: bool,
 }
 
@@ -196,30 +214,17 @@ pub struct Completion {
 // the target owns it); everything else is Send.
 unsafe impl Send for Completion {}
 
-impl Completion {
-    pub fn tag(&self) -> u16 {
-        self.tag
+impl std::ops::Deref for Completion {
+    type Target = Request;
+    fn deref(&self) -> &Request {
+        &self.req
     }
-    pub fn queue_id(&self) -> u16 {
-        self.shared.q_id
-    }
-    pub fn op(&self) -> Op {
-        self.op
-    }
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+}
 
+impl Completion {
     /// The request's data buffer, usable until `complete`.
     pub fn buf(&mut self) -> &mut [u8] {
-        if self.buf.is_null() || !self.op.has_data() {
-            return &mut [];
-        }
-        // SAFETY: see `Io::buf`; the Completion is the unique owner of the request.
-        unsafe { std::slice::from_raw_parts_mut(self.buf, self.len as usize) }
+        self.req.data()
     }
 
     /// Completes the request with `res` (bytes done, or a negative errno).
@@ -230,12 +235,12 @@ impl Completion {
     /// reported as ESTALE and changes nothing.
     pub fn complete(mut self, res: i32) -> Result<()> {
         self.done = true;
-        let (res, err) = match check_result(self.op, self.len, res) {
+        let (res, err) = match check_result(self.req.op, self.req.len, res) {
             Ok(r) => (r, None),
             Err(e) => (-libc::EIO, Some(e)),
         };
-        self.shared.claim(self.tag, self.seq)?;
-        self.shared.post(self.tag, res);
+        self.shared.claim(self.req.tag, self.req.seq)?;
+        self.shared.post(self.req.tag, res);
         err.map_or(Ok(()), Err)
     }
 }
@@ -244,8 +249,8 @@ impl Drop for Completion {
     /// A request whose handle is dropped without completing fails with EIO
     /// rather than hanging its submitter forever.
     fn drop(&mut self) {
-        if !self.done && self.shared.claim(self.tag, self.seq).is_ok() {
-            self.shared.post(self.tag, -libc::EIO);
+        if !self.done && self.shared.claim(self.req.tag, self.req.seq).is_ok() {
+            self.shared.post(self.req.tag, -libc::EIO);
         }
     }
 }
@@ -273,7 +278,8 @@ mod tests {
 
     fn completion(s: &Arc<QueueShared>, tag: u16, seq: u64, op: Op, len: u32) -> Completion {
         s.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
-        Completion { shared: s.clone(), tag, seq, op, len, buf: s._bufs.get(tag), done: false }
+        let req = Request { tag, q_id: 0, op, flags: IoFlags(0), offset: 0, len, buf: s._bufs.get(tag), seq };
+        Completion { shared: s.clone(), req, done: false }
     }
 
     #[test]

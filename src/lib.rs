@@ -25,7 +25,7 @@ pub mod targets;
 
 pub use device::{data_mode_name, delete_device, feature_names, kernel_features, Device, DeviceConfig, DiscardLimits, StopHandle};
 pub use error::{errno_name, strerror, Error, Result};
-pub use io::{Completion, Io, IoFlags, Op};
+pub use io::{Completion, Io, IoFlags, Op, Request};
 pub use queue::{QueueCtx, QueueInfo};
 pub use stats::QueueStatsSnapshot;
 pub use target::{Target, TargetFactory};

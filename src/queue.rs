@@ -5,7 +5,7 @@
 
 use crate::buf::{DescArray, TagBuffers};
 use crate::error::{Error, Result};
-use crate::io::{check_result, Completion, Io, IoFlags, Op, QueueShared, PHASE_KERNEL, PHASE_TARGET};
+use crate::io::{check_result, Completion, Io, IoFlags, Op, QueueShared, Request, PHASE_KERNEL, PHASE_TARGET};
 use crate::sys;
 use crate::target::Target;
 use crossbeam_channel::Receiver;
@@ -104,15 +104,7 @@ impl QueueCtx<'_> {
 
     /// Hands the request to whoever will complete it later, from any thread.
     pub fn defer(&mut self, io: Io<'_>) -> Completion {
-        Completion {
-            shared: self.core.shared.clone(),
-            tag: io.tag,
-            seq: io.seq,
-            op: io.op,
-            len: io.len,
-            buf: io.buf,
-            done: false,
-        }
+        Completion { shared: self.core.shared.clone(), req: io.req, done: false }
     }
 
     fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> Result<*mut u8> {
@@ -363,7 +355,7 @@ impl Queue {
         c.shared.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
         c.shared.stats.started();
         c.target_owned += 1;
-        let io = Io {
+        let req = Request {
             tag,
             q_id: c.info.queue_id,
             op,
@@ -372,8 +364,8 @@ impl Queue {
             len,
             buf: c.bufs.get(tag),
             seq,
-            _marker: std::marker::PhantomData,
         };
+        let io = Io { req, _marker: std::marker::PhantomData };
         let mut ctx = QueueCtx { core: c };
         self.target.handle_io(&mut ctx, io);
     }
