@@ -237,6 +237,11 @@ impl StopHandle {
         r
     }
 
+    /// Whether the device's queues were started.
+    pub fn is_started(&self) -> bool {
+        !self.shared.lock().is_empty()
+    }
+
     /// Makes the queue threads exit without waiting for the kernel.
     pub(crate) fn force(&self) {
         self.force_exit.store(true, Ordering::Release);

@@ -66,6 +66,8 @@ pub(crate) struct QueueShared {
     pub tx: Sender<(u16, i32)>,
     pub eventfd: RawFd,
     pub wake_pending: AtomicBool,
+    /// Set when the queue thread has exited: completions go nowhere.
+    pub closed: AtomicBool,
     pub stats: crate::stats::QueueStats,
     /// Kept alive as long as any Completion may still touch a buffer.
     pub _bufs: Arc<crate::buf::TagBuffers>,
@@ -83,6 +85,22 @@ impl QueueShared {
                 Error::new(libc::ESTALE, format!("request q{} tag {tag} is not in flight any more (stale handle)", self.q_id))
             }
         })
+    }
+
+    /// Completes `req` from any thread: checks the result, claims the tag (so a
+    /// second completion is refused) and hands the result to the queue thread.
+    /// An oversized result fails the request with EIO and is reported.
+    pub(crate) fn complete_remote(&self, req: &Request, res: i32) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::new(libc::ESHUTDOWN, format!("queue {} has stopped serving", self.q_id)));
+        }
+        let (res, err) = match check_result(req.op, req.len, res) {
+            Ok(r) => (r, None),
+            Err(e) => (-libc::EIO, Some(e)),
+        };
+        self.claim(req.tag, req.seq)?;
+        self.post(req.tag, res);
+        err.map_or(Ok(()), Err)
     }
 
     /// Hands a completion to the queue thread and wakes it.
@@ -235,13 +253,7 @@ impl Completion {
     /// reported as ESTALE and changes nothing.
     pub fn complete(mut self, res: i32) -> Result<()> {
         self.done = true;
-        let (res, err) = match check_result(self.req.op, self.req.len, res) {
-            Ok(r) => (r, None),
-            Err(e) => (-libc::EIO, Some(e)),
-        };
-        self.shared.claim(self.req.tag, self.req.seq)?;
-        self.shared.post(self.req.tag, res);
-        err.map_or(Ok(()), Err)
+        self.shared.complete_remote(&self.req, res)
     }
 }
 
@@ -270,6 +282,7 @@ mod tests {
             tx,
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             stats: Default::default(),
             _bufs: Arc::new(crate::buf::TagBuffers::new(depth, 4096).unwrap()),
         };

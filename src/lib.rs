@@ -16,6 +16,7 @@ mod buf;
 pub mod ctrl;
 mod device;
 mod error;
+pub mod ffi;
 mod io;
 mod queue;
 pub mod state;

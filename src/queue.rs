@@ -86,15 +86,25 @@ impl QueueCtx<'_> {
 
     /// Completes the request of `tag` now, on the queue thread.
     pub fn complete(&mut self, tag: u16, res: i32) -> Result<()> {
+        let seq = self.core.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?.seq;
+        self.complete_seq(tag, seq, res)
+    }
+
+    /// Completes the request `seq` of `tag` (refused if the tag moved on).
+    pub(crate) fn complete_seq(&mut self, tag: u16, seq: u64, res: i32) -> Result<()> {
         let c = &mut *self.core;
         let l = *c.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
         let (res, err) = match check_result(l.op, l.len, res) {
             Ok(r) => (r, None),
             Err(e) => (-libc::EIO, Some(e)),
         };
-        c.shared.claim(tag, l.seq)?;
+        c.shared.claim(tag, seq)?;
         c.commit(tag, res);
         err.map_or(Ok(()), Err)
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<QueueShared> {
+        &self.core.shared
     }
 
     /// Device byte offset and length of the request `tag` currently carries.
@@ -261,6 +271,7 @@ impl Queue {
             tx,
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             stats: Default::default(),
             _bufs: bufs.clone(),
         });
@@ -368,5 +379,11 @@ impl Queue {
         let io = Io { req, _marker: std::marker::PhantomData };
         let mut ctx = QueueCtx { core: c };
         self.target.handle_io(&mut ctx, io);
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.core.shared.closed.store(true, Ordering::Release);
     }
 }

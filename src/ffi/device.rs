@@ -1,0 +1,400 @@
+//! C ABI: device configuration and lifecycle.
+
+use super::io::{FfiQueue, FfiTarget};
+use super::{guard, guard_or, null_err, opt_str};
+use crate::error::Error;
+use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, StopHandle, Target, TargetFactory};
+use parking_lot::Mutex;
+use std::ffi::{c_char, c_int, c_void, CString};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Device configuration. Initialise with `ublk_dev_config_init()` (defaults),
+/// then set fields; fields may be added in the reserved space later.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ublk_dev_config {
+    /// Device size in bytes (a multiple of `logical_block_size`). Required.
+    pub size: u64,
+    /// Logical block size (512..=page size). Default 512.
+    pub logical_block_size: u32,
+    /// Physical block size (power of two >= logical). Default 4096.
+    pub physical_block_size: u32,
+    /// Largest request in bytes (4096..=32 MiB). Default 512 KiB.
+    pub max_io_bytes: u32,
+    /// Queues (1..=4096; the kernel caps it at the CPU count). Default 1.
+    pub nr_queues: u16,
+    /// Requests in flight per queue (1..=4096). Default 128.
+    pub queue_depth: u16,
+    /// Device id to ask for; -1 lets the kernel pick (default).
+    pub dev_id: i32,
+    /// Non-zero: read-only device.
+    pub read_only: u8,
+    /// Non-zero: rotational device.
+    pub rotational: u8,
+    /// Non-zero: the device has a volatile cache, FLUSH and FUA are sent.
+    pub volatile_cache: u8,
+    /// Non-zero: DISCARD and WRITE_ZEROES are sent (limits below).
+    pub discard: u8,
+    /// Discard granularity in bytes (power of two). Default 4096.
+    pub discard_granularity: u32,
+    /// Largest DISCARD in 512-byte sectors. Default 2^21.
+    pub max_discard_sectors: u32,
+    /// Largest WRITE_ZEROES in 512-byte sectors. Default 2^21.
+    pub max_write_zeroes_sectors: u32,
+    /// Bound on every wait for the kernel, in milliseconds. Default 30000.
+    pub timeout_ms: u32,
+    /// Extra `UBLK_F_*` bits to request; refused (-EOPNOTSUPP) if the kernel lacks them.
+    pub flags: u64,
+    /// Target name recorded in the state file (`ublk list`); NULL = "custom".
+    /// Borrowed: read during `ublk_dev_new` only.
+    pub target_name: *const c_char,
+    /// Directory of the state file; NULL = "/run/ublk". Borrowed, as above.
+    pub state_dir: *const c_char,
+    /// Must stay zero (room for future fields).
+    pub reserved: [u64; 8],
+}
+
+/// Fills `*cfg` with the defaults. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
+    guard(|| {
+        if cfg.is_null() {
+            return Err(null_err("cfg"));
+        }
+        let d = DeviceConfig::default();
+        let l = DiscardLimits::default();
+        let c = ublk_dev_config {
+            size: 0,
+            logical_block_size: d.logical_block_size,
+            physical_block_size: d.physical_block_size,
+            max_io_bytes: d.max_io_bytes,
+            nr_queues: d.queues,
+            queue_depth: d.depth,
+            dev_id: -1,
+            read_only: 0,
+            rotational: 0,
+            volatile_cache: 0,
+            discard: 0,
+            discard_granularity: l.granularity,
+            max_discard_sectors: l.max_discard_sectors,
+            max_write_zeroes_sectors: l.max_write_zeroes_sectors,
+            timeout_ms: d.timeout.as_millis() as u32,
+            flags: 0,
+            target_name: std::ptr::null(),
+            state_dir: std::ptr::null(),
+            reserved: [0; 8],
+        };
+        // SAFETY: cfg is non-null and points to a ublk_dev_config (documented).
+        unsafe { cfg.write(c) };
+        Ok(0)
+    })
+}
+
+fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
+    if c.reserved.iter().any(|&r| r != 0) {
+        return Err(Error::inval("cfg.reserved must be zero (initialise cfg with ublk_dev_config_init)"));
+    }
+    let dev_id = match c.dev_id {
+        -1 => None,
+        id if id >= 0 => Some(id as u32),
+        id => return Err(Error::inval(format!("dev_id {id} is invalid (-1 or >= 0)"))),
+    };
+    let mut cfg = DeviceConfig {
+        dev_id,
+        size: c.size,
+        logical_block_size: c.logical_block_size,
+        physical_block_size: c.physical_block_size,
+        queues: c.nr_queues,
+        depth: c.queue_depth,
+        max_io_bytes: c.max_io_bytes,
+        read_only: c.read_only != 0,
+        rotational: c.rotational != 0,
+        volatile_cache: c.volatile_cache != 0,
+        discard: (c.discard != 0).then_some(DiscardLimits {
+            granularity: c.discard_granularity,
+            max_discard_sectors: c.max_discard_sectors,
+            max_write_zeroes_sectors: c.max_write_zeroes_sectors,
+        }),
+        flags: c.flags,
+        timeout: Duration::from_millis(c.timeout_ms as u64),
+        ..Default::default()
+    };
+    if let Some(n) = opt_str(c.target_name, "target_name")? {
+        cfg.target_name = n;
+    }
+    if let Some(d) = opt_str(c.state_dir, "state_dir")? {
+        cfg.state_dir = d.into();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// The callbacks of a target. Every callback gets the `user` pointer given to
+/// `ublk_dev_new` first. They run on the queue threads of the device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ublk_target_ops {
+    /// Required. One request arrived. Complete it with `ublk_io_complete()`,
+    /// now or later from any thread, or start backing IO on it with
+    /// `ublk_io_read_at()` & co. `io` stays valid until it is completed.
+    pub handle_io: Option<unsafe extern "C" fn(user: *mut c_void, io: *mut ublk_io)>,
+    /// Optional. Called on each queue's thread before it serves; may store a
+    /// per-queue pointer in `*queue_data` (read back with `ublk_io_queue_data`).
+    /// A negative return fails `ublk_dev_start` with that error.
+    pub queue_init: Option<unsafe extern "C" fn(user: *mut c_void, queue_id: u16, queue_data: *mut *mut c_void) -> c_int>,
+    /// Optional. Called on each queue's thread after it stopped serving.
+    pub queue_deinit: Option<unsafe extern "C" fn(user: *mut c_void, queue_id: u16, queue_data: *mut c_void)>,
+}
+
+pub use super::io::ublk_io;
+
+/// Device facts, filled by `ublk_dev_get_info`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ublk_dev_info {
+    pub dev_id: u32,
+    pub nr_queues: u16,
+    pub queue_depth: u16,
+    pub max_io_bytes: u32,
+    /// UBLK_DATA_COPY, UBLK_DATA_USER_COPY, UBLK_DATA_ZERO_COPY or UBLK_DATA_AUTO_BUF_REG.
+    pub data_mode: u32,
+    /// `UBLK_F_*` bits the device negotiated with the kernel.
+    pub flags: u64,
+    pub size: u64,
+}
+
+/// Per-queue counters, filled by `ublk_dev_queue_stats`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ublk_queue_stats {
+    /// Requests completed.
+    pub ios: u64,
+    /// Bytes of successful READ/WRITE requests.
+    pub bytes: u64,
+    /// Requests completed with an error.
+    pub errors: u64,
+    /// Requests handed to the target and not completed yet.
+    pub in_flight: u64,
+}
+
+/// What the queues of a device share with the C side.
+pub(crate) struct FfiDevShared {
+    pub ops: ublk_target_ops,
+    pub user: *mut c_void,
+    pub queues: Vec<Arc<FfiQueue>>,
+}
+
+// SAFETY: `user` is the caller's pointer, documented to be usable from the
+// device's queue threads; the rest is Send + Sync.
+unsafe impl Send for FfiDevShared {}
+unsafe impl Sync for FfiDevShared {}
+
+/// A ublk device (opaque). Created by `ublk_dev_new`, freed by `ublk_dev_free`.
+pub struct ublk_dev {
+    dev: Mutex<Option<Device>>,
+    stop: StopHandle,
+    shared: Arc<FfiDevShared>,
+    info: ublk_dev_info,
+    path: CString,
+}
+
+fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
+    // SAFETY: a non-null dev comes from ublk_dev_new and is valid until
+    // ublk_dev_free (documented ownership rule).
+    unsafe { dev.as_ref() }.ok_or_else(|| null_err("dev"))
+}
+
+/// Creates a device: ADD_DEV, `/dev/ublkcN`, SET_PARAMS. It does not serve
+/// yet (see `ublk_dev_start` / `ublk_dev_serve`).
+///
+/// `cfg` and `ops` are copied. `user` is passed to every callback and must
+/// stay valid until `ublk_dev_free` returns. On success `*out` owns the new
+/// device: free it with `ublk_dev_free`. Returns 0 or a negative errno
+/// (-EINVAL for a bad config, -EOPNOTSUPP for features the kernel lacks,
+/// -ENOENT without ublk_drv, -EPERM without privileges…). Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_new(cfg: *const ublk_dev_config, ops: *const ublk_target_ops, user: *mut c_void, out: *mut *mut ublk_dev) -> c_int {
+    guard(|| {
+        // SAFETY: non-null pointers to the documented types (checked below).
+        let (cfg, ops) = unsafe { (cfg.as_ref(), ops.as_ref()) };
+        let cfg = cfg.ok_or_else(|| null_err("cfg"))?;
+        let ops = *ops.ok_or_else(|| null_err("ops"))?;
+        if out.is_null() {
+            return Err(null_err("out"));
+        }
+        if ops.handle_io.is_none() {
+            return Err(Error::inval("ops.handle_io is NULL"));
+        }
+        let config = to_config(cfg)?;
+        let size = config.size;
+        let dev = Device::new(config)?;
+        let i = dev.info();
+        let queues = (0..i.nr_hw_queues).map(|q| Arc::new(FfiQueue::new(q, i.queue_depth))).collect();
+        let info = ublk_dev_info {
+            dev_id: i.dev_id,
+            nr_queues: i.nr_hw_queues,
+            queue_depth: i.queue_depth,
+            max_io_bytes: i.max_io_buf_bytes,
+            data_mode: match dev.data_mode() {
+                "copy" => super::UBLK_DATA_COPY,
+                "user-copy" => super::UBLK_DATA_USER_COPY,
+                "register" => super::UBLK_DATA_ZERO_COPY,
+                _ => super::UBLK_DATA_AUTO_BUF_REG,
+            },
+            flags: i.flags,
+            size,
+        };
+        let path = CString::new(dev.block_path().display().to_string()).unwrap_or_default();
+        let d = Box::new(ublk_dev {
+            stop: dev.stop_handle(),
+            dev: Mutex::new(Some(dev)),
+            shared: Arc::new(FfiDevShared { ops, user, queues }),
+            info,
+            path,
+        });
+        // SAFETY: out is non-null (checked above).
+        unsafe { *out = Box::into_raw(d) };
+        Ok(0)
+    })
+}
+
+/// Starts serving in background threads (one per queue) and returns once
+/// `/dev/ublkbN` exists. Callbacks run on those threads from now on.
+/// Returns 0, -EALREADY if already started, or a negative errno.
+/// Not concurrently with serve/wait/free on the same device.
+#[no_mangle]
+pub extern "C" fn ublk_dev_start(dev: *mut ublk_dev) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        let shared = d.shared.clone();
+        let factory: TargetFactory = Arc::new(move |q: &QueueInfo| Ok(Box::new(FfiTarget::new(shared.clone(), q.queue_id)?) as Box<dyn Target>));
+        let mut g = d.dev.lock();
+        let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
+        dev.start(factory)?;
+        Ok(0)
+    })
+}
+
+/// Starts the device if needed, then blocks serving it until it is stopped
+/// (`ublk_dev_stop`, `ublk del`) or SIGINT/SIGTERM arrives (then stops it).
+/// Returns 0 or a negative errno. Not concurrently with start/wait/free.
+#[no_mangle]
+pub extern "C" fn ublk_dev_serve(dev: *mut ublk_dev) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        if !d.stop.is_started() {
+            let r = ublk_dev_start(dev);
+            if r < 0 && r != -libc::EALREADY {
+                return Ok(r);
+            }
+        }
+        let mut g = d.dev.lock();
+        let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
+        dev.serve_until_signal()?;
+        Ok(0)
+    })
+}
+
+/// Waits until the device stops serving, at most `timeout_ms` (-1: forever).
+/// Returns 0 once stopped, -ETIMEDOUT otherwise. Not concurrently with
+/// start/serve/free.
+#[no_mangle]
+pub extern "C" fn ublk_dev_wait(dev: *mut ublk_dev, timeout_ms: c_int) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        let mut g = d.dev.lock();
+        let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
+        let done = if timeout_ms < 0 {
+            dev.wait();
+            true
+        } else {
+            dev.wait_timeout(Duration::from_millis(timeout_ms as u64))
+        };
+        if done {
+            Ok(0)
+        } else {
+            Err(Error::new(libc::ETIMEDOUT, "device still serving"))
+        }
+    })
+}
+
+/// Stops the device (STOP_DEV): pending requests fail, the queue threads exit,
+/// `ublk_dev_serve` returns. Any thread, also while another thread serves.
+/// Returns 0 or a negative errno (-EALREADY if it was never started).
+#[no_mangle]
+pub extern "C" fn ublk_dev_stop(dev: *mut ublk_dev) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        if !d.stop.is_started() {
+            return Err(Error::new(libc::EALREADY, "device is not serving"));
+        }
+        match d.stop.stop() {
+            Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => Err(e),
+            _ => Ok(0),
+        }
+    })
+}
+
+/// Stops (if serving) and deletes the device, then frees `dev`. NULL is a
+/// no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
+/// a thread that is not a queue thread of this device, and not concurrently
+/// with any other call on `dev`.
+#[no_mangle]
+pub extern "C" fn ublk_dev_free(dev: *mut ublk_dev) {
+    guard(|| {
+        if dev.is_null() {
+            return Ok(0);
+        }
+        // SAFETY: dev comes from ublk_dev_new (Box::into_raw) and is freed once.
+        let d = unsafe { Box::from_raw(dev) };
+        if let Some(device) = d.dev.lock().take() {
+            device.delete()?;
+        }
+        Ok(0)
+    });
+}
+
+/// The device id (>= 0), or -EINVAL for NULL. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_id(dev: *const ublk_dev) -> c_int {
+    guard(|| Ok(dev_ref(dev)?.info.dev_id as c_int))
+}
+
+/// The block device path ("/dev/ublkbN"), owned by `dev` and valid until
+/// `ublk_dev_free`; NULL for a NULL dev. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_path(dev: *const ublk_dev) -> *const c_char {
+    guard_or(std::ptr::null(), || dev_ref(dev).ok().map(|d| d.path.as_ptr()))
+}
+
+/// Fills `*out` with the device facts. Returns 0 or a negative errno. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_get_info(dev: *const ublk_dev, out: *mut ublk_dev_info) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        if out.is_null() {
+            return Err(null_err("out"));
+        }
+        // SAFETY: out is non-null and points to a ublk_dev_info.
+        unsafe { out.write(d.info) };
+        Ok(0)
+    })
+}
+
+/// Fills `*out` with the counters of queue `queue_id`. Returns 0, -EINVAL for a
+/// bad queue, or -EAGAIN before that queue started. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_queue_stats(dev: *const ublk_dev, queue_id: u16, out: *mut ublk_queue_stats) -> c_int {
+    guard(|| {
+        let d = dev_ref(dev)?;
+        if out.is_null() {
+            return Err(null_err("out"));
+        }
+        let q = d.shared.queues.get(queue_id as usize).ok_or_else(|| Error::inval(format!("no queue {queue_id}")))?;
+        let s = q.stats().ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
+        // SAFETY: out is non-null and points to a ublk_queue_stats.
+        unsafe { out.write(ublk_queue_stats { ios: s.ios, bytes: s.bytes, errors: s.errors, in_flight: s.in_flight }) };
+        Ok(0)
+    })
+}

@@ -1,0 +1,353 @@
+//! C ABI: requests (`ublk_io`) and backing IO on the queue ring.
+
+use super::device::FfiDevShared;
+use super::{guard, guard_or, null_err};
+use crate::error::Error;
+use crate::io::{Io, Op, QueueShared, Request};
+use crate::queue::QueueCtx;
+use crate::stats::QueueStatsSnapshot;
+use crate::target::Target;
+use once_cell::sync::OnceCell;
+use parking_lot::Mutex;
+use std::cell::{Cell, UnsafeCell};
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Arc;
+
+const IO_MAGIC: u64 = 0x7562_6c6b_5f69_6f21; // "ublk_io!"
+
+/// One request of a device (opaque). There is one per (queue, tag), owned by
+/// the device: the pointer handed to `handle_io` stays valid until
+/// `ublk_dev_free`, and stands for the request it carries until that request
+/// is completed.
+pub struct ublk_io {
+    magic: u64,
+    queue: Arc<FfiQueue>,
+    req: UnsafeCell<Request>,
+}
+
+// SAFETY: `req` is written only by the queue thread when a request arrives,
+// before the handle is given to the target; other threads read it only after
+// receiving the handle from the target (which orders the accesses). The seq
+// check in `claim` makes a stale completion harmless.
+unsafe impl Send for ublk_io {}
+unsafe impl Sync for ublk_io {}
+
+/// Completion callback of backing IO: `res` is the syscall-style result.
+pub type ublk_backing_cb = Option<unsafe extern "C" fn(user: *mut c_void, io: *mut ublk_io, res: c_int)>;
+
+struct Pending {
+    cb: ublk_backing_cb,
+    user: *mut c_void,
+    io: *mut ublk_io,
+}
+
+/// Per-queue state shared by the queue thread and the C side.
+pub(crate) struct FfiQueue {
+    q_id: u16,
+    depth: u16,
+    shared: OnceCell<Arc<QueueShared>>,
+    data: AtomicPtr<c_void>,
+    ios: OnceCell<Box<[ublk_io]>>,
+    pending: Mutex<Vec<Option<Pending>>>,
+}
+
+// SAFETY: the raw pointers in `pending` are only used on the queue thread.
+unsafe impl Send for FfiQueue {}
+unsafe impl Sync for FfiQueue {}
+
+impl FfiQueue {
+    pub(crate) fn new(q_id: u16, depth: u16) -> FfiQueue {
+        FfiQueue {
+            q_id,
+            depth,
+            shared: OnceCell::new(),
+            data: AtomicPtr::new(std::ptr::null_mut()),
+            ios: OnceCell::new(),
+            pending: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Option<QueueStatsSnapshot> {
+        self.shared.get().map(|s| s.stats.snapshot())
+    }
+}
+
+thread_local! {
+    /// The queue context of the callback running on this thread (if any), and
+    /// the queue it belongs to: backing IO and inline completion need it.
+    static CURRENT: Cell<(*mut QueueCtx<'static>, *const FfiQueue)> = const { Cell::new((std::ptr::null_mut(), std::ptr::null())) };
+}
+
+/// Runs a C callback with `ctx` registered as this thread's current context.
+fn with_ctx<R>(ctx: &mut QueueCtx<'_>, q: &Arc<FfiQueue>, f: impl FnOnce() -> R) -> R {
+    // SAFETY: the pointer is only dereferenced by calls made from `f`, on this
+    // thread, while `ctx` is still mutably borrowed here; the previous value
+    // is restored before returning, so it never outlives the borrow.
+    let p = ctx as *mut QueueCtx<'_> as *mut QueueCtx<'static>;
+    let prev = CURRENT.with(|c| c.replace((p, Arc::as_ptr(q))));
+    let r = f();
+    CURRENT.with(|c| c.set(prev));
+    r
+}
+
+/// The current context if this thread is inside a callback of `q`'s queue.
+fn current_ctx<'a>(q: &FfiQueue) -> Option<&'a mut QueueCtx<'static>> {
+    let (p, cur) = CURRENT.with(|c| c.get());
+    if p.is_null() || !std::ptr::eq(cur, q) {
+        return None;
+    }
+    // SAFETY: set by `with_ctx` on this thread for the duration of the callback
+    // we are called from (see there).
+    Some(unsafe { &mut *p })
+}
+
+pub(crate) struct FfiTarget {
+    dev: Arc<FfiDevShared>,
+    q: Arc<FfiQueue>,
+}
+
+impl FfiTarget {
+    /// Made on the queue thread: runs the C `queue_init` callback.
+    pub(crate) fn new(dev: Arc<FfiDevShared>, q_id: u16) -> crate::Result<FfiTarget> {
+        let q = dev.queues.get(q_id as usize).cloned().ok_or_else(|| Error::inval(format!("no queue {q_id}")))?;
+        q.ios.get_or_init(|| {
+            (0..q.depth)
+                .map(|tag| ublk_io {
+                    magic: IO_MAGIC,
+                    queue: q.clone(),
+                    req: UnsafeCell::new(Request { tag, q_id, op: Op::Read, flags: Default::default(), offset: 0, len: 0, buf: std::ptr::null_mut(), seq: 0 }),
+                })
+                .collect()
+        });
+        if let Some(init) = dev.ops.queue_init {
+            let mut data: *mut c_void = std::ptr::null_mut();
+            // SAFETY: a C callback with the documented arguments.
+            let r = unsafe { init(dev.user, q_id, &mut data) };
+            if r < 0 {
+                return Err(Error::new(-r, format!("queue_init callback of queue {q_id} failed")));
+            }
+            q.data.store(data, Ordering::Release);
+        }
+        Ok(FfiTarget { dev, q })
+    }
+
+    fn io_ptr(&self, tag: u16) -> *mut ublk_io {
+        let ios = self.q.ios.get().expect("ios are made in FfiTarget::new");
+        &ios[tag as usize] as *const ublk_io as *mut ublk_io
+    }
+}
+
+impl Drop for FfiTarget {
+    fn drop(&mut self) {
+        if let Some(deinit) = self.dev.ops.queue_deinit {
+            // SAFETY: a C callback with the documented arguments, on the queue thread.
+            unsafe { deinit(self.dev.user, self.q.q_id, self.q.data.load(Ordering::Acquire)) };
+        }
+    }
+}
+
+impl Target for FfiTarget {
+    fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>) {
+        let _ = self.q.shared.set(ctx.shared().clone());
+        let p = self.io_ptr(io.tag());
+        // SAFETY: only the queue thread writes `req`, and the tag is not held by
+        // anyone now (a new request just arrived on it).
+        unsafe { *(*p).req.get() = io.req };
+        let Some(handle) = self.dev.ops.handle_io else { return };
+        // SAFETY: a C callback with the documented arguments.
+        with_ctx(ctx, &self.q, || unsafe { handle(self.dev.user, p) });
+    }
+
+    fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
+        let p = self.q.pending.lock().get_mut(data as usize).and_then(Option::take);
+        match p {
+            Some(Pending { cb: Some(cb), user, io }) => {
+                // SAFETY: a C callback with the documented arguments.
+                with_ctx(ctx, &self.q, || unsafe { cb(user, io, res) });
+            }
+            _ => {
+                let _ = ctx.complete(tag, if res < 0 { res } else { -libc::EIO });
+            }
+        }
+    }
+}
+
+fn io_ref<'a>(io: *const ublk_io) -> Result<&'a ublk_io, Error> {
+    // SAFETY: a non-null handle comes from handle_io and stays valid until
+    // ublk_dev_free (documented); the magic check catches common misuse.
+    let r = unsafe { io.as_ref() }.ok_or_else(|| null_err("io"))?;
+    if r.magic != IO_MAGIC {
+        return Err(Error::inval("io is not a libublk request handle"));
+    }
+    Ok(r)
+}
+
+fn req_of(io: &ublk_io) -> Request {
+    // SAFETY: see the Send/Sync comment on ublk_io.
+    unsafe { *io.req.get() }
+}
+
+/// Completes the request with `result`: bytes done for READ/WRITE (at most
+/// `ublk_io_len`), 0 for other ops, or a negative errno. Inside a callback or
+/// later from any thread; the engine wakes the queue itself.
+/// Returns 0, or: -EALREADY (already completed), -ESTALE (the handle now
+/// carries no request of yours), -ESHUTDOWN (the device stopped serving),
+/// -EINVAL (NULL/invalid handle; or result > length: the request is then
+/// failed with EIO).
+#[no_mangle]
+pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
+    guard(|| {
+        let io = io_ref(io)?;
+        let req = req_of(io);
+        if let Some(ctx) = current_ctx(&io.queue) {
+            ctx.complete_seq(req.tag, req.seq, result)?;
+            return Ok(0);
+        }
+        let shared = io.queue.shared.get().ok_or_else(|| Error::new(libc::ESTALE, "no request on this handle"))?;
+        shared.complete_remote(&req, result)?;
+        Ok(0)
+    })
+}
+
+/// The op of the request: UBLK_OP_READ, _WRITE, _FLUSH, _DISCARD,
+/// _WRITE_ZEROES (other kernel op numbers pass through); -EINVAL for a bad
+/// handle. Any thread holding the request.
+#[no_mangle]
+pub extern "C" fn ublk_io_op(io: *const ublk_io) -> c_int {
+    guard(|| {
+        Ok(match req_of(io_ref(io)?).op {
+            Op::Read => 0,
+            Op::Write => 1,
+            Op::Flush => 2,
+            Op::Discard => 3,
+            Op::WriteZeroes => 5,
+            Op::Other(o) => o as c_int,
+        })
+    })
+}
+
+/// Flag bits of the request: UBLK_FLAG_FUA, UBLK_FLAG_NOUNMAP (the kernel's
+/// UBLK_IO_F_* bits).
+#[no_mangle]
+pub extern "C" fn ublk_io_flags(io: *const ublk_io) -> u32 {
+    guard_or(0, || io_ref(io).ok().map(|i| req_of(i).flags.0))
+}
+
+/// Byte offset of the request on the device.
+#[no_mangle]
+pub extern "C" fn ublk_io_offset(io: *const ublk_io) -> u64 {
+    guard_or(0, || io_ref(io).ok().map(|i| req_of(i).offset))
+}
+
+/// Length of the request in bytes.
+#[no_mangle]
+pub extern "C" fn ublk_io_len(io: *const ublk_io) -> u32 {
+    guard_or(0, || io_ref(io).ok().map(|i| req_of(i).len))
+}
+
+/// Queue id of the request.
+#[no_mangle]
+pub extern "C" fn ublk_io_queue_id(io: *const ublk_io) -> u16 {
+    guard_or(0, || io_ref(io).ok().map(|i| i.queue.q_id))
+}
+
+/// Tag of the request within its queue.
+#[no_mangle]
+pub extern "C" fn ublk_io_tag(io: *const ublk_io) -> u16 {
+    guard_or(0, || io_ref(io).ok().map(|i| req_of(i).tag))
+}
+
+/// The request's data buffer (`ublk_io_len` bytes: fill it for READ, read it
+/// for WRITE), owned by the engine and valid until the request is completed;
+/// NULL for requests without data.
+#[no_mangle]
+pub extern "C" fn ublk_io_buf(io: *mut ublk_io) -> *mut c_void {
+    guard_or(std::ptr::null_mut(), || {
+        let r = req_of(io_ref(io).ok()?);
+        Some(if r.op.has_data() { r.buf as *mut c_void } else { std::ptr::null_mut() })
+    })
+}
+
+/// The pointer `queue_init` stored for the request's queue (NULL if none).
+#[no_mangle]
+pub extern "C" fn ublk_io_queue_data(io: *const ublk_io) -> *mut c_void {
+    guard_or(std::ptr::null_mut(), || io_ref(io).ok().map(|i| i.queue.data.load(Ordering::Acquire)))
+}
+
+/// Submits backing IO for `io` on its queue's ring. Only from a callback
+/// running on that queue's thread (else -EXDEV).
+fn submit_backing(
+    io: *mut ublk_io,
+    cb: ublk_backing_cb,
+    user: *mut c_void,
+    f: impl FnOnce(&mut QueueCtx<'static>, u16, u32) -> crate::Result<()>,
+) -> c_int {
+    guard(|| {
+        let r = io_ref(io)?;
+        if cb.is_none() {
+            return Err(null_err("cb"));
+        }
+        let ctx = current_ctx(&r.queue)
+            .ok_or_else(|| Error::new(libc::EXDEV, "backing IO must be submitted from a callback on the request's queue thread"))?;
+        let tag = req_of(r).tag;
+        let idx = {
+            let mut p = r.queue.pending.lock();
+            let slot = Some(Pending { cb, user, io });
+            match p.iter().position(Option::is_none) {
+                Some(i) => {
+                    p[i] = slot;
+                    i
+                }
+                None => {
+                    p.push(slot);
+                    p.len() - 1
+                }
+            }
+        };
+        if let Err(e) = f(ctx, tag, idx as u32) {
+            r.queue.pending.lock()[idx] = None;
+            return Err(e);
+        }
+        Ok(0)
+    })
+}
+
+/// Reads `len` bytes at `file_off` of `fd` into the request buffer at
+/// `buf_off`, on the queue's io_uring; `cb(cb_user, io, res)` runs on the queue
+/// thread when done (it may complete `io` or submit more). Only from a
+/// callback on the request's queue thread (-EXDEV otherwise). -EINVAL if the
+/// range is outside the request. `fd` must stay open until `cb` runs.
+#[no_mangle]
+pub extern "C" fn ublk_io_read_at(io: *mut ublk_io, fd: c_int, file_off: u64, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.read_at(tag, fd, file_off, buf_off, len, d))
+}
+
+/// Writes `len` bytes of the request buffer at `buf_off` to `fd` at `file_off`
+/// (`rw_flags`: RWF_* such as RWF_DSYNC for FUA). As `ublk_io_read_at`.
+#[no_mangle]
+pub extern "C" fn ublk_io_write_at(
+    io: *mut ublk_io,
+    fd: c_int,
+    file_off: u64,
+    buf_off: u32,
+    len: u32,
+    rw_flags: c_int,
+    cb: ublk_backing_cb,
+    cb_user: *mut c_void,
+) -> c_int {
+    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.write_at(tag, fd, file_off, buf_off, len, rw_flags, d))
+}
+
+/// fsync (`datasync` = 0) or fdatasync (non-zero) of `fd`. As `ublk_io_read_at`.
+#[no_mangle]
+pub extern "C" fn ublk_io_fsync(io: *mut ublk_io, fd: c_int, datasync: c_int, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.fsync(tag, fd, datasync != 0, d))
+}
+
+/// fallocate(fd, mode, off, len) (e.g. FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE
+/// for DISCARD). As `ublk_io_read_at`.
+#[no_mangle]
+pub extern "C" fn ublk_io_fallocate(io: *mut ublk_io, fd: c_int, mode: c_int, off: u64, len: u64, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.fallocate(tag, fd, mode, off, len, d))
+}
