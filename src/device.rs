@@ -472,38 +472,18 @@ impl Device {
     }
 
     /// Serves until the device stops or SIGINT/SIGTERM arrives (then stops it).
-    /// Blocks those signals in the calling thread while it waits.
+    /// While it serves, those signals only set a flag (in any thread), and the
+    /// previous handlers come back afterwards.
     pub fn serve_until_signal(&mut self) -> Result<()> {
-        // SAFETY: sigset manipulation on locals; pthread_sigmask on this thread.
-        let old = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            let mut old: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGINT);
-            libc::sigaddset(&mut set, libc::SIGTERM);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
-            old
-        };
-        let r = loop {
-            if self.wait_timeout(Duration::from_millis(100)) {
-                break Ok(());
+        let signals = crate::signals::StopSignals::install();
+        loop {
+            if self.wait_timeout(Duration::from_millis(50)) {
+                return Ok(());
             }
-            // SAFETY: as above; sigtimedwait with a zero timeout only polls.
-            let sig = unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, libc::SIGINT);
-                libc::sigaddset(&mut set, libc::SIGTERM);
-                let ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-                libc::sigtimedwait(&set, std::ptr::null_mut(), &ts)
-            };
-            if sig > 0 {
-                break self.stop();
+            if signals.fired().is_some() {
+                return self.stop();
             }
-        };
-        // SAFETY: restores this thread's previous mask.
-        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
-        r
+        }
     }
 
     /// STOP_DEV, then waits for the queues (forcing them out after the timeout).

@@ -19,6 +19,7 @@ mod error;
 pub mod ffi;
 mod io;
 mod queue;
+mod signals;
 pub mod state;
 mod stats;
 mod target;

@@ -171,6 +171,9 @@ fn prepare(a: &mut AddArgs) -> Result<TargetFactory, Fail> {
                 None => b.size() / lbs * lbs,
             };
             if a.cfg.size == 0 {
+                if a.size.is_some() {
+                    return Err(Fail::Usage("device size must not be zero".into()));
+                }
                 return Err(Fail::Usage(format!("{} is empty: a loop device needs a non-empty file", file.display())));
             }
             a.cfg.volatile_cache = true;
@@ -283,7 +286,7 @@ fn cmd_list(args: &[String]) -> Result<(), Fail> {
         return Err(Fail::Usage(format!("list: unexpected argument `{a}`")));
     }
     let ctrl = Ctrl::open()?;
-    println!("{:<4} {:<14} {:<7} {:>8} {:>6} {:>6} {:<12} {:<9} {:>8}", "ID", "PATH", "TARGET", "SIZE", "QUEUES", "DEPTH", "MODE", "STATE", "PID");
+    println!("{:<4} {:<14} {:<12} {:>8} {:>6} {:>6} {:<12} {:<9} {:>8}", "ID", "PATH", "TARGET", "SIZE", "QUEUES", "DEPTH", "MODE", "STATE", "PID");
     for id in list_device_ids() {
         let info = match ctrl.get_dev_info(id) {
             Ok(i) => i,
@@ -296,7 +299,7 @@ fn cmd_list(args: &[String]) -> Result<(), Fail> {
         let state = StateFile::load(std::path::Path::new(DEFAULT_STATE_DIR), id).unwrap_or_default();
         let pid = if info.ublksrv_pid > 0 { info.ublksrv_pid.to_string() } else { "-".into() };
         println!(
-            "{:<4} {:<14} {:<7} {:>8} {:>6} {:>6} {:<12} {:<9} {:>8}",
+            "{:<4} {:<14} {:<12} {:>8} {:>6} {:>6} {:<12} {:<9} {:>8}",
             id,
             format!("/dev/ublkb{id}"),
             state.get("target").unwrap_or("-"),

@@ -1,0 +1,97 @@
+/* A loop device over a file: backing IO runs on each queue's own io_uring
+ * (ublk_io_read_at & co), so the server needs no threads of its own. */
+#define _GNU_SOURCE
+#include "common.h"
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+
+struct loop {
+    int fd;
+    int zero_range; /* cleared when the file system lacks FALLOC_FL_ZERO_RANGE */
+};
+
+static void done(void *user, ublk_io *io, int res);
+
+static int zero(struct loop *lo, ublk_io *io, int mode)
+{
+    return ublk_io_fallocate(io, lo->fd, mode | FALLOC_FL_KEEP_SIZE, ublk_io_offset(io),
+                             ublk_io_len(io), done, lo);
+}
+
+static void done(void *user, ublk_io *io, int res)
+{
+    struct loop *lo = user;
+
+    if (res == -EOPNOTSUPP && ublk_io_op(io) == UBLK_OP_WRITE_ZEROES && lo->zero_range) {
+        lo->zero_range = 0; /* e.g. tmpfs: a punched hole reads as zeroes too */
+        if (zero(lo, io, FALLOC_FL_PUNCH_HOLE) == 0)
+            return;
+    }
+    ublk_io_complete(io, res);
+}
+
+static void handle_io(void *user, ublk_io *io)
+{
+    struct loop *lo = user;
+    uint64_t off = ublk_io_offset(io);
+    uint32_t len = ublk_io_len(io);
+    int r;
+
+    switch (ublk_io_op(io)) {
+    case UBLK_OP_READ:
+        r = ublk_io_read_at(io, lo->fd, off, 0, len, done, lo);
+        break;
+    case UBLK_OP_WRITE:
+        r = ublk_io_write_at(io, lo->fd, off, 0, len,
+                             (ublk_io_flags(io) & UBLK_FLAG_FUA) ? RWF_DSYNC : 0, done, lo);
+        break;
+    case UBLK_OP_FLUSH:
+        r = ublk_io_fsync(io, lo->fd, 1, done, lo);
+        break;
+    case UBLK_OP_DISCARD:
+        r = zero(lo, io, FALLOC_FL_PUNCH_HOLE);
+        break;
+    case UBLK_OP_WRITE_ZEROES:
+        r = zero(lo, io, lo->zero_range ? FALLOC_FL_ZERO_RANGE : FALLOC_FL_PUNCH_HOLE);
+        break;
+    default:
+        r = -EOPNOTSUPP;
+    }
+    if (r < 0)
+        ublk_io_complete(io, r);
+}
+
+int main(int argc, char **argv)
+{
+    struct example_opts o;
+    struct ublk_dev_config cfg;
+    struct ublk_target_ops ops = { .handle_io = handle_io };
+    struct loop lo = { .zero_range = 1 };
+    struct stat st;
+    int r;
+
+    example_parse(argc, argv, &o);
+    if (!o.file) {
+        fprintf(stderr, "loop: -f FILE is required\n");
+        return 2;
+    }
+    lo.fd = open(o.file, O_RDWR | O_DIRECT);
+    if (lo.fd < 0)
+        lo.fd = open(o.file, O_RDWR);
+    if (lo.fd < 0 || fstat(lo.fd, &st) < 0) {
+        perror(o.file);
+        return 2;
+    }
+    ublk_dev_config_init(&cfg);
+    cfg.size = st.st_size & ~4095ULL;
+    cfg.nr_queues = o.queues;
+    cfg.queue_depth = o.depth;
+    cfg.volatile_cache = 1;
+    cfg.discard = 1;
+    cfg.target_name = "c-loop";
+    r = example_run("loop", &cfg, &ops, &lo, NULL);
+    close(lo.fd);
+    return r;
+}

@@ -1,0 +1,121 @@
+/* A RAM disk whose requests are completed by a pool of worker threads: the
+ * pattern of embedding a ublk front end into a server with its own threads.
+ * handle_io only queues the request; a worker copies the data and calls
+ * ublk_io_complete() from its own thread. */
+#include "common.h"
+#include <pthread.h>
+#include <sys/mman.h>
+
+struct pool {
+    unsigned char *mem;
+    uint64_t size;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    ublk_io **ring;     /* pending requests, a circular buffer */
+    size_t cap, head, count;
+    int stop;
+    pthread_t *tids;
+    int nthreads;
+};
+
+static void handle_io(void *user, ublk_io *io)
+{
+    struct pool *p = user;
+
+    pthread_mutex_lock(&p->lock);
+    p->ring[(p->head + p->count) % p->cap] = io;
+    p->count++;
+    pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+}
+
+static void serve_one(struct pool *p, ublk_io *io)
+{
+    uint64_t off = ublk_io_offset(io);
+    uint32_t len = ublk_io_len(io);
+    int res = 0;
+
+    if (off + len > p->size)
+        res = -EIO;
+    else if (ublk_io_op(io) == UBLK_OP_READ)
+        memcpy(ublk_io_buf(io), p->mem + off, len), res = (int)len;
+    else if (ublk_io_op(io) == UBLK_OP_WRITE)
+        memcpy(p->mem + off, ublk_io_buf(io), len), res = (int)len;
+    else if (ublk_io_op(io) != UBLK_OP_FLUSH)
+        res = -EOPNOTSUPP;
+    res = ublk_io_complete(io, res);
+    if (res < 0) /* -ESHUTDOWN once the device stopped: expected at exit */
+        fprintf(stderr, "threadpool: complete: %s\n", ublk_strerror(res));
+}
+
+static void *worker(void *arg)
+{
+    struct pool *p = arg;
+
+    for (;;) {
+        ublk_io *io;
+
+        pthread_mutex_lock(&p->lock);
+        while (!p->count && !p->stop)
+            pthread_cond_wait(&p->cond, &p->lock);
+        if (!p->count) {
+            pthread_mutex_unlock(&p->lock);
+            return NULL;
+        }
+        io = p->ring[p->head];
+        p->head = (p->head + 1) % p->cap;
+        p->count--;
+        pthread_mutex_unlock(&p->lock);
+        serve_one(p, io);
+    }
+}
+
+/* Workers may hold request handles: join them before the device is freed. */
+static void stop_workers(void *user)
+{
+    struct pool *p = user;
+    int i;
+
+    pthread_mutex_lock(&p->lock);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (i = 0; i < p->nthreads; i++)
+        pthread_join(p->tids[i], NULL);
+}
+
+int main(int argc, char **argv)
+{
+    struct example_opts o;
+    struct ublk_dev_config cfg;
+    struct ublk_target_ops ops = { .handle_io = handle_io };
+    struct pool p = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+    pthread_t *tids;
+    int i, r;
+
+    example_parse(argc, argv, &o);
+    p.size = o.size;
+    p.mem = mmap(NULL, p.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    p.cap = (size_t)o.queues * o.depth;
+    p.ring = calloc(p.cap, sizeof(*p.ring));
+    tids = calloc(o.threads, sizeof(*tids));
+    if (p.mem == MAP_FAILED || !p.ring || !tids) {
+        perror("threadpool");
+        return 1;
+    }
+    for (i = 0; i < o.threads; i++)
+        pthread_create(&tids[i], NULL, worker, &p);
+
+    ublk_dev_config_init(&cfg);
+    cfg.size = o.size;
+    cfg.nr_queues = o.queues;
+    cfg.queue_depth = o.depth;
+    cfg.target_name = "c-threadpool";
+    p.tids = tids;
+    p.nthreads = o.threads;
+    r = example_run("threadpool", &cfg, &ops, &p, stop_workers);
+    free(tids);
+    free(p.ring);
+    munmap(p.mem, p.size);
+    return r;
+}

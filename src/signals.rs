@@ -1,0 +1,77 @@
+//! SIGINT/SIGTERM while serving: a handler that only records the signal, so
+//! whichever thread of the process receives it, the serving loop sees it and
+//! stops the device cleanly (instead of the default action killing the
+//! process with the device left behind). Signals are process-wide, so this
+//! state is too.
+
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+static FIRED: AtomicI32 = AtomicI32::new(0);
+
+struct Installed {
+    users: usize,
+    old: [libc::sigaction; 2],
+}
+
+// SAFETY: sigaction structs are plain data.
+unsafe impl Send for Installed {}
+
+static STATE: Mutex<Option<Installed>> = Mutex::new(None);
+const SIGNALS: [libc::c_int; 2] = [libc::SIGINT, libc::SIGTERM];
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    FIRED.store(sig, Ordering::SeqCst);
+}
+
+/// While alive, SIGINT/SIGTERM are recorded instead of killing the process.
+pub(crate) struct StopSignals(());
+
+impl StopSignals {
+    pub(crate) fn install() -> StopSignals {
+        let mut st = STATE.lock();
+        match st.as_mut() {
+            Some(i) => i.users += 1,
+            None => {
+                // SAFETY: sigaction with a handler that only stores to an atomic
+                // (async-signal-safe); old actions are saved to be restored.
+                let old = unsafe {
+                    let mut old: [libc::sigaction; 2] = std::mem::zeroed();
+                    let mut sa: libc::sigaction = std::mem::zeroed();
+                    sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+                    libc::sigemptyset(&mut sa.sa_mask);
+                    for (i, s) in SIGNALS.iter().enumerate() {
+                        libc::sigaction(*s, &sa, &mut old[i]);
+                    }
+                    old
+                };
+                FIRED.store(0, Ordering::SeqCst);
+                *st = Some(Installed { users: 1, old });
+            }
+        }
+        StopSignals(())
+    }
+
+    /// The signal received since installation, if any.
+    pub(crate) fn fired(&self) -> Option<i32> {
+        Some(FIRED.load(Ordering::SeqCst)).filter(|&s| s != 0)
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        let mut st = STATE.lock();
+        if let Some(i) = st.as_mut() {
+            i.users -= 1;
+            if i.users == 0 {
+                // SAFETY: restores the actions saved in `install`.
+                unsafe {
+                    for (k, s) in SIGNALS.iter().enumerate() {
+                        libc::sigaction(*s, &i.old[k], std::ptr::null_mut());
+                    }
+                }
+                *st = None;
+            }
+        }
+    }
+}
