@@ -400,7 +400,9 @@ impl Device {
             let t = std::thread::Builder::new()
                 .name(format!("ublk{}-q{q}", self.info.dev_id))
                 .spawn(move || {
-                    block_stop_signals();
+                    // Queue threads never take SIGINT/SIGTERM: the thread that
+                    // serves the device (or the application) decides.
+                    crate::signals::block_stop_signals();
                     match Queue::new(&setup, &factory) {
                         Ok((queue, shared)) => {
                             let _ = ready_tx.send(Ok(shared));
@@ -473,17 +475,26 @@ impl Device {
 
     /// Serves until the device stops or SIGINT/SIGTERM arrives (then stops it).
     /// While it serves, those signals only set a flag (in any thread), and the
-    /// previous handlers come back afterwards.
+    /// previous handlers come back afterwards. They are unblocked in the
+    /// calling thread meanwhile, so an application may keep them blocked from
+    /// before the device exists: one that arrived during setup is pending and
+    /// stops the device as soon as this starts (instead of the default action
+    /// killing the process during setup with the device left behind).
     pub fn serve_until_signal(&mut self) -> Result<()> {
         let signals = crate::signals::StopSignals::install();
-        loop {
+        let old_mask = crate::signals::set_stop_signals_mask(libc::SIG_UNBLOCK);
+        let r = loop {
             if self.wait_timeout(Duration::from_millis(50)) {
-                return Ok(());
+                break Ok(());
             }
             if signals.fired().is_some() {
-                return self.stop();
+                break self.stop();
             }
-        }
+        };
+        // SAFETY: restores this thread's previous mask (before the handler goes).
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+        drop(signals);
+        r
     }
 
     /// STOP_DEV, then waits for the queues (forcing them out after the timeout).
@@ -535,19 +546,6 @@ impl Drop for Device {
                 eprintln!("ublk: removing device {}: {e}", self.info.dev_id);
             }
         }
-    }
-}
-
-/// Queue threads never take SIGINT/SIGTERM: the thread that serves the device
-/// (or the application) decides what a signal means.
-fn block_stop_signals() {
-    // SAFETY: sigset manipulation on a local; affects only this thread.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 

@@ -29,5 +29,6 @@ pub use device::{data_mode_name, delete_device, feature_names, kernel_features, 
 pub use error::{errno_name, strerror, Error, Result};
 pub use io::{Completion, Io, IoFlags, Op, Request};
 pub use queue::{QueueCtx, QueueInfo};
+pub use signals::block_stop_signals;
 pub use stats::QueueStatsSnapshot;
 pub use target::{Target, TargetFactory};

@@ -75,3 +75,27 @@ impl Drop for StopSignals {
         }
     }
 }
+
+/// Blocks SIGINT and SIGTERM in the calling thread (threads it starts later
+/// inherit the mask) and returns the previous mask. A server that blocks them
+/// before its device exists keeps a signal that arrives during setup pending
+/// until `Device::serve_until_signal` takes it and removes the device, instead
+/// of the default action killing the process with the device left behind.
+pub fn block_stop_signals() -> libc::sigset_t {
+    set_stop_signals_mask(libc::SIG_BLOCK)
+}
+
+/// Blocks or unblocks SIGINT and SIGTERM in the calling thread; returns the
+/// previous mask.
+pub(crate) fn set_stop_signals_mask(how: libc::c_int) -> libc::sigset_t {
+    // SAFETY: sigset manipulation on locals; affects only this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(how, &set, &mut old);
+        old
+    }
+}

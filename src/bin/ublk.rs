@@ -198,6 +198,8 @@ fn cmd_add(args: &[String]) -> Result<(), Fail> {
     let mut a = parse_add(args)?;
     let factory = prepare(&mut a)?;
     if a.foreground {
+        // Block the stop signals before the device exists (see block_stop_signals).
+        let _ = ublk::block_stop_signals();
         let mut dev = start_device(a.cfg, factory)?;
         println!("{} {}", dev.id(), dev.block_path().display());
         let _ = std::io::stdout().flush();
@@ -213,8 +215,15 @@ fn cmd_add(args: &[String]) -> Result<(), Fail> {
     }
     // SAFETY: pipe2 returned two new fds that nothing else owns.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The child inherits the blocked stop signals; the parent restores its
+    // mask (a signal that came meanwhile is delivered to it then).
+    let old_mask = ublk::block_stop_signals();
     // SAFETY: no other threads exist yet in this process.
     let pid = unsafe { libc::fork() };
+    if pid != 0 {
+        // SAFETY: restores this (single) thread's previous signal mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old_mask, std::ptr::null_mut()) };
+    }
     if pid < 0 {
         return Err(Error::last_os("fork").into());
     }

@@ -1,0 +1,266 @@
+/* Error paths of the C API: each misuse returns its documented error.
+ * Host part: NULL handles and configs, invalid values. Kernel part (when
+ * /dev/ublk-control exists): double completion, result > length, backing IO
+ * from a foreign thread, use after stop. Run under valgrind by `make test`.
+ * Prints "N passed, N failed, N skipped" and exits non-zero on a failure. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <ublk.h>
+
+static int passed, failed, skipped;
+
+#define CHECK(cond, ...) do { \
+    if (cond) { passed++; } else { failed++; printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        printf(__VA_ARGS__); printf("\n"); } } while (0)
+#define EXPECT(call, want) do { long _r = (long)(call); \
+    CHECK(_r == (long)(want), "%s = %ld (%s), want %ld", #call, _r, ublk_strerror((int)_r), (long)(want)); } while (0)
+
+static void nop_io(void *user, ublk_io *io) { (void)user; ublk_io_complete(io, 0); }
+
+static void host_checks(void)
+{
+    struct ublk_dev_config cfg;
+    struct ublk_target_ops ops = { .handle_io = nop_io };
+    struct ublk_target_ops no_ops = { 0 };
+    ublk_dev *dev = (ublk_dev *)0x1;
+    char junk[256] = { 0 };
+    char msg[256];
+
+    EXPECT(ublk_dev_config_init(NULL), -EINVAL);
+    EXPECT(ublk_dev_config_init(&cfg), 0);
+    cfg.size = 1 << 20;
+    EXPECT(ublk_dev_new(NULL, &ops, NULL, &dev), -EINVAL);
+    EXPECT(ublk_dev_new(&cfg, NULL, NULL, &dev), -EINVAL);
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, NULL), -EINVAL);
+    EXPECT(ublk_dev_new(&cfg, &no_ops, NULL, &dev), -EINVAL);
+    CHECK(dev == (ublk_dev *)0x1, "out written on failure");
+    CHECK(ublk_last_error_message(msg, sizeof(msg)) > 0 && strstr(msg, "handle_io"), "message: %s", msg);
+
+    ublk_dev_config_init(&cfg);
+    cfg.size = 0;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.size = 1000; /* not a multiple of 512 */
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.size = 1 << 20;
+    cfg.queue_depth = 0;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.queue_depth = 4097;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.queue_depth = 64;
+    cfg.nr_queues = 0;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.nr_queues = 1;
+    cfg.logical_block_size = 1000;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.logical_block_size = 512;
+    cfg.max_io_bytes = 100;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.max_io_bytes = 1 << 20;
+    cfg.dev_id = -5;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.dev_id = -1;
+    cfg.reserved[3] = 1;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.reserved[3] = 0;
+    cfg.timeout_ms = 0;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+
+    EXPECT(ublk_dev_start(NULL), -EINVAL);
+    EXPECT(ublk_dev_serve(NULL), -EINVAL);
+    EXPECT(ublk_dev_stop(NULL), -EINVAL);
+    EXPECT(ublk_dev_wait(NULL, 0), -EINVAL);
+    EXPECT(ublk_dev_id(NULL), -EINVAL);
+    CHECK(ublk_dev_path(NULL) == NULL, "path of NULL");
+    EXPECT(ublk_dev_get_info(NULL, NULL), -EINVAL);
+    EXPECT(ublk_dev_queue_stats(NULL, 0, NULL), -EINVAL);
+    ublk_dev_free(NULL);
+    EXPECT(ublk_features(NULL), -EINVAL);
+
+    EXPECT(ublk_io_complete(NULL, 0), -EINVAL);
+    EXPECT(ublk_io_complete((ublk_io *)junk, 0), -EINVAL); /* not a handle */
+    EXPECT(ublk_io_op(NULL), -EINVAL);
+    EXPECT(ublk_io_len(NULL), 0);
+    CHECK(ublk_io_buf(NULL) == NULL, "buf of NULL");
+    EXPECT(ublk_io_read_at(NULL, 0, 0, 0, 0, NULL, NULL), -EINVAL);
+
+    CHECK(strstr(ublk_strerror(-EINVAL), "EINVAL") != NULL, "strerror: %s", ublk_strerror(-EINVAL));
+    CHECK(strstr(ublk_strerror(-ENOTRECOVERABLE), "panic") != NULL, "strerror panic");
+    CHECK(strcmp(ublk_feature_name(7), "USER_COPY") == 0, "feature name 7");
+    CHECK(ublk_feature_name(63) == NULL, "unknown feature name");
+}
+
+/* ---- kernel part ---------------------------------------------------------- */
+
+enum mode { M_DOUBLE, M_OVERSIZE, M_HOLD, M_OK };
+struct state {
+    enum mode mode;
+    int r1, r2, backing;
+    ublk_io *held;
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int got;
+};
+
+static void backing_done(void *user, ublk_io *io, int res) { (void)user; ublk_io_complete(io, res); }
+
+static void *foreign_backing(void *arg)
+{
+    struct state *s = arg;
+    char msg[256];
+    s->backing = ublk_io_read_at(s->held, 0, 0, 0, 512, backing_done, NULL);
+    if (s->backing != -EXDEV && ublk_last_error_message(msg, sizeof(msg)) > 0)
+        printf("foreign backing IO: %s\n", msg);
+    return NULL;
+}
+
+/* Only the test's own reads (at PROBE_OFF) get the mode's treatment: udev and
+ * the partition scan read the device too, at other offsets. */
+#define PROBE_OFF (8 << 20)
+
+static void k_handle(void *user, ublk_io *io)
+{
+    struct state *s = user;
+    int len = (int)ublk_io_len(io);
+    enum mode mode = ublk_io_offset(io) == PROBE_OFF ? s->mode : M_OK;
+
+    switch (mode) {
+    case M_DOUBLE:
+        s->r1 = ublk_io_complete(io, len);
+        s->r2 = ublk_io_complete(io, len);
+        break;
+    case M_OVERSIZE:
+        s->r1 = ublk_io_complete(io, len + 1);
+        s->r2 = ublk_io_complete(io, len); /* already failed with EIO */
+        break;
+    case M_HOLD: /* keep it; the test thread completes it */
+        s->held = io;
+        break;
+    case M_OK:
+        ublk_io_complete(io, len);
+        return;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->got = 1;
+    pthread_cond_signal(&s->cond);
+    pthread_mutex_unlock(&s->lock);
+}
+
+struct reader { const char *path; ssize_t res; int err; };
+
+static void *do_read(void *arg)
+{
+    struct reader *r = arg;
+    void *buf = NULL;
+    int fd = open(r->path, O_RDONLY | O_DIRECT);
+    if (fd < 0 || posix_memalign(&buf, 4096, 4096)) {
+        r->res = -1;
+        r->err = errno;
+    } else {
+        r->res = pread(fd, buf, 4096, PROBE_OFF);
+        r->err = r->res < 0 ? errno : 0;
+    }
+    if (fd >= 0)
+        close(fd);
+    free(buf);
+    return NULL;
+}
+
+static void wait_got(struct state *s)
+{
+    pthread_mutex_lock(&s->lock);
+    while (!s->got)
+        pthread_cond_wait(&s->cond, &s->lock);
+    s->got = 0;
+    pthread_mutex_unlock(&s->lock);
+}
+
+static void kernel_checks(void)
+{
+    struct state s = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+    struct ublk_target_ops ops = { .handle_io = k_handle };
+    struct ublk_dev_config cfg;
+    struct ublk_dev_info info;
+    struct ublk_queue_stats st;
+    struct reader rd;
+    pthread_t t;
+    ublk_dev *dev = NULL;
+    int r;
+
+    ublk_dev_config_init(&cfg);
+    cfg.size = 16 << 20;
+    cfg.queue_depth = 4;
+    cfg.target_name = "c-errors";
+    r = ublk_dev_new(&cfg, &ops, &s, &dev);
+    CHECK(r == 0, "ublk_dev_new: %s", ublk_strerror(r));
+    if (r)
+        return;
+    EXPECT(ublk_dev_stop(dev), -EALREADY); /* never started */
+    EXPECT(ublk_dev_queue_stats(dev, 0, &st), -EAGAIN);
+    s.mode = M_OK; /* partition scan reads at start */
+    EXPECT(ublk_dev_start(dev), 0);
+    EXPECT(ublk_dev_start(dev), -EALREADY);
+    EXPECT(ublk_dev_get_info(dev, &info), 0);
+    CHECK(info.queue_depth == 4 && info.size == 16 << 20 && info.data_mode == UBLK_DATA_COPY, "info");
+    rd.path = ublk_dev_path(dev);
+
+    s.mode = M_DOUBLE;
+    pthread_create(&t, NULL, do_read, &rd);
+    wait_got(&s);
+    pthread_join(t, NULL);
+    EXPECT(s.r1, 0);
+    EXPECT(s.r2, -EALREADY);
+    EXPECT(rd.res, 4096);
+
+    s.mode = M_OVERSIZE;
+    pthread_create(&t, NULL, do_read, &rd);
+    wait_got(&s);
+    pthread_join(t, NULL);
+    EXPECT(s.r1, -EINVAL);
+    EXPECT(s.r2, -EALREADY);
+    CHECK(rd.res < 0 && rd.err == EIO, "oversized result fails the read with EIO: res %zd errno %d", rd.res, rd.err);
+
+    s.mode = M_HOLD;
+    pthread_create(&t, NULL, do_read, &rd);
+    wait_got(&s);
+    {
+        pthread_t f;
+        pthread_create(&f, NULL, foreign_backing, &s);
+        pthread_join(f, NULL);
+        EXPECT(s.backing, -EXDEV);
+    }
+    EXPECT(ublk_io_complete(s.held, 4096), 0); /* from this (non-queue) thread */
+    pthread_join(t, NULL);
+    EXPECT(rd.res, 4096);
+    EXPECT(ublk_io_complete(s.held, 4096), -EALREADY);
+
+    EXPECT(ublk_dev_queue_stats(dev, 0, &st), 0);
+    CHECK(st.ios >= 3 && st.errors >= 1 && st.in_flight == 0, "stats ios %llu errors %llu in_flight %llu",
+          (unsigned long long)st.ios, (unsigned long long)st.errors, (unsigned long long)st.in_flight);
+    EXPECT(ublk_dev_queue_stats(dev, 9, &st), -EINVAL);
+
+    s.mode = M_OK;
+    EXPECT(ublk_dev_stop(dev), 0);
+    EXPECT(ublk_dev_wait(dev, 10000), 0);
+    EXPECT(ublk_io_complete(s.held, 4096), -ESHUTDOWN); /* use after stop */
+    EXPECT(ublk_dev_start(dev), -EALREADY);
+    ublk_dev_free(dev);
+}
+
+int main(void)
+{
+    host_checks();
+    if (access("/dev/ublk-control", F_OK) == 0)
+        kernel_checks();
+    else {
+        printf("SKIP: kernel checks: /dev/ublk-control missing\n");
+        skipped++;
+    }
+    printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    return failed != 0;
+}
