@@ -19,6 +19,7 @@ const KIND_SHIFT: u32 = 62;
 const KIND_CMD: u64 = 0;
 const KIND_BACKING: u64 = 1;
 const KIND_WAKE: u64 = 2;
+const KIND_CANCEL: u64 = 3;
 
 fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
     (kind << KIND_SHIFT) | ((data as u64) << 16) | tag as u64
@@ -67,9 +68,9 @@ pub(crate) struct QueueCore {
     in_kernel: u32,
     target_owned: u32,
     backing_inflight: u32,
-    /// Target of the eventfd read; leaked so a read still pending when the
-    /// ring is torn down can never write to freed memory.
-    wake_buf: &'static mut u64,
+    /// Target of the eventfd read (cancelled before the ring goes, see `run`).
+    wake_buf: Box<u64>,
+    wake_armed: bool,
     force_exit: Arc<AtomicBool>,
 }
 
@@ -212,7 +213,9 @@ impl QueueCore {
     fn arm_wake(&mut self) -> Result<()> {
         let p = &mut *self.wake_buf as *mut u64 as *mut u8;
         let e = opcode::Read::new(types::Fd(self.shared.eventfd), p, 8).build().user_data(user_data(KIND_WAKE, 0, 0));
-        self.push(e)
+        self.push(e)?;
+        self.wake_armed = true;
+        Ok(())
     }
 }
 
@@ -288,7 +291,8 @@ impl Queue {
             in_kernel: 0,
             target_owned: 0,
             backing_inflight: 0,
-            wake_buf: Box::leak(Box::new(0)),
+            wake_buf: Box::new(0),
+            wake_armed: false,
             force_exit: s.force_exit.clone(),
         };
         core.arm_wake()?;
@@ -322,7 +326,33 @@ impl Queue {
                 self.dispatch(ud, res);
             }
         }
+        self.disarm_wake();
         Ok(())
+    }
+
+    /// Cancels the armed eventfd read and reaps it, so the ring never holds
+    /// a read into `wake_buf` once the queue is gone.
+    fn disarm_wake(&mut self) {
+        let c = &mut self.core;
+        if !c.wake_armed {
+            return;
+        }
+        let e = opcode::AsyncCancel::new(user_data(KIND_WAKE, 0, 0)).build().user_data(user_data(KIND_CANCEL, 0, 0));
+        if c.push(e).is_err() {
+            return;
+        }
+        for _ in 0..100 {
+            if c.ring.submit_and_wait(1).is_err() {
+                break;
+            }
+            let reaped: Vec<u64> = c.ring.completion().map(|q| q.user_data()).collect();
+            if reaped.iter().any(|&ud| ud >> KIND_SHIFT == KIND_WAKE) {
+                c.wake_armed = false;
+                return;
+            }
+        }
+        // Could not confirm: keep the buffer alive rather than risk a write.
+        std::mem::forget(std::mem::take(&mut c.wake_buf));
     }
 
     fn dispatch(&mut self, ud: u64, res: i32) {
@@ -342,7 +372,8 @@ impl Queue {
                 let mut ctx = QueueCtx { core: &mut self.core };
                 self.target.backing_complete(&mut ctx, tag, data, res);
             }
-            _ => {
+            KIND_WAKE => {
+                self.core.wake_armed = false;
                 self.core.shared.wake_pending.store(false, Ordering::Release);
                 while let Ok((tag, res)) = self.rx.try_recv() {
                     self.core.commit(tag, res);
@@ -353,6 +384,7 @@ impl Queue {
                     }
                 }
             }
+            _ => {}
         }
     }
 

@@ -22,8 +22,17 @@ const IO_MAGIC: u64 = 0x7562_6c6b_5f69_6f21; // "ublk_io!"
 /// is completed.
 pub struct ublk_io {
     magic: u64,
-    queue: Arc<FfiQueue>,
+    /// The queue owning this handle (it lives in the queue's `ios`; an Arc
+    /// here would make a cycle).
+    queue: *const FfiQueue,
     req: UnsafeCell<Request>,
+}
+
+impl ublk_io {
+    fn queue(&self) -> &FfiQueue {
+        // SAFETY: handles live inside their FfiQueue, so it outlives them.
+        unsafe { &*self.queue }
+    }
 }
 
 // SAFETY: `req` is written only by the queue thread when a request arrives,
@@ -115,7 +124,7 @@ impl FfiTarget {
             (0..q.depth)
                 .map(|tag| ublk_io {
                     magic: IO_MAGIC,
-                    queue: q.clone(),
+                    queue: Arc::as_ptr(&q),
                     req: UnsafeCell::new(Request { tag, q_id, op: Op::Read, flags: Default::default(), offset: 0, len: 0, buf: std::ptr::null_mut(), seq: 0 }),
                 })
                 .collect()
@@ -200,11 +209,11 @@ pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
     guard(|| {
         let io = io_ref(io)?;
         let req = req_of(io);
-        if let Some(ctx) = current_ctx(&io.queue) {
+        if let Some(ctx) = current_ctx(io.queue()) {
             ctx.complete_seq(req.tag, req.seq, result)?;
             return Ok(0);
         }
-        let shared = io.queue.shared.get().ok_or_else(|| Error::new(libc::ESTALE, "no request on this handle"))?;
+        let shared = io.queue().shared.get().ok_or_else(|| Error::new(libc::ESTALE, "no request on this handle"))?;
         shared.complete_remote(&req, result)?;
         Ok(0)
     })
@@ -249,7 +258,7 @@ pub extern "C" fn ublk_io_len(io: *const ublk_io) -> u32 {
 /// Queue id of the request.
 #[no_mangle]
 pub extern "C" fn ublk_io_queue_id(io: *const ublk_io) -> u16 {
-    guard_or(0, || io_ref(io).ok().map(|i| i.queue.q_id))
+    guard_or(0, || io_ref(io).ok().map(|i| i.queue().q_id))
 }
 
 /// Tag of the request within its queue.
@@ -272,7 +281,7 @@ pub extern "C" fn ublk_io_buf(io: *mut ublk_io) -> *mut c_void {
 /// The pointer `queue_init` stored for the request's queue (NULL if none).
 #[no_mangle]
 pub extern "C" fn ublk_io_queue_data(io: *const ublk_io) -> *mut c_void {
-    guard_or(std::ptr::null_mut(), || io_ref(io).ok().map(|i| i.queue.data.load(Ordering::Acquire)))
+    guard_or(std::ptr::null_mut(), || io_ref(io).ok().map(|i| i.queue().data.load(Ordering::Acquire)))
 }
 
 /// Submits backing IO for `io` on its queue's ring. Only from a callback
@@ -288,11 +297,11 @@ fn submit_backing(
         if cb.is_none() {
             return Err(null_err("cb"));
         }
-        let ctx = current_ctx(&r.queue)
+        let ctx = current_ctx(r.queue())
             .ok_or_else(|| Error::new(libc::EXDEV, "backing IO must be submitted from a callback on the request's queue thread"))?;
         let tag = req_of(r).tag;
         let idx = {
-            let mut p = r.queue.pending.lock();
+            let mut p = r.queue().pending.lock();
             let slot = Some(Pending { cb, user, io });
             match p.iter().position(Option::is_none) {
                 Some(i) => {
@@ -306,7 +315,7 @@ fn submit_backing(
             }
         };
         if let Err(e) = f(ctx, tag, idx as u32) {
-            r.queue.pending.lock()[idx] = None;
+            r.queue().pending.lock()[idx] = None;
             return Err(e);
         }
         Ok(0)
