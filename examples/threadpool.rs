@@ -16,56 +16,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use ublk::{Completion, Device, DeviceConfig, DiscardLimits, Io, Op, QueueCtx, QueueInfo, Target};
-
-/// The device's memory: one anonymous, lazily allocated mapping shared by the
-/// queues and the workers.
-struct Store {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: plain memory. Requests on overlapping ranges have undefined content
-// on any block device; touching the mapping from several threads cannot fault.
-unsafe impl Send for Store {}
-unsafe impl Sync for Store {}
-
-impl Store {
-    fn new(len: usize) -> std::io::Result<Store> {
-        // SAFETY: anonymous private mapping, no fd, the kernel picks the address.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Store { ptr: p as *mut u8, len })
-    }
-
-    /// The store bytes `off..off+len`, if inside.
-    fn range(&self, off: u64, len: usize) -> Option<*mut u8> {
-        let end = off.checked_add(len as u64)?;
-        if end > self.len as u64 {
-            return None;
-        }
-        // SAFETY: off + len <= self.len, inside the mapping.
-        Some(unsafe { self.ptr.add(off as usize) })
-    }
-}
-
-impl Drop for Store {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly what `new` mapped.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
+use ublk::targets::MemStore;
+use ublk::{Completion, Device, DeviceConfig, DiscardLimits, Io, QueueCtx, QueueInfo, Target};
 
 /// One request on its way to a worker.
 struct Job {
@@ -107,40 +59,11 @@ fn next_rand(s: &mut u64) -> u64 {
     *s
 }
 
-fn worker(idx: usize, rx: Receiver<Job>, store: Arc<Store>, counters: Arc<Counters>, delay_us: u64) {
+fn worker(idx: usize, rx: Receiver<Job>, store: Arc<MemStore>, counters: Arc<Counters>, delay_us: u64) {
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ (idx as u64 + 1);
     while let Ok(mut job) = rx.recv() {
-        let len = job.len as usize;
         let op = job.c.op();
-        let res = match op {
-            Op::Read | Op::Write => match store.range(job.offset, len) {
-                None => -libc::EIO,
-                Some(p) => {
-                    let buf = job.c.buf();
-                    debug_assert_eq!(buf.len(), len);
-                    // SAFETY: p..p+len lies in the store; buf is the request's
-                    // own buffer of len bytes, owned by this Completion.
-                    unsafe {
-                        if op == Op::Read {
-                            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), len);
-                        } else {
-                            std::ptr::copy_nonoverlapping(buf.as_ptr(), p, len);
-                        }
-                    }
-                    len as i32
-                }
-            },
-            Op::Flush => 0,
-            Op::Discard | Op::WriteZeroes => match store.range(job.offset, len) {
-                None => -libc::EIO,
-                Some(p) => {
-                    // SAFETY: p..p+len lies in the store.
-                    unsafe { std::ptr::write_bytes(p, 0, len) };
-                    0
-                }
-            },
-            Op::Other(_) => -libc::EOPNOTSUPP,
-        };
+        let res = store.apply(op, job.offset, job.len, job.c.buf());
         if res < 0 {
             counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -213,8 +136,8 @@ fn main() {
         usage("--workers must be at least 1");
     }
 
-    let store = match usize::try_from(size).map_err(|_| std::io::Error::from_raw_os_error(libc::EFBIG)).and_then(Store::new) {
-        Ok(s) => Arc::new(s),
+    let store = match MemStore::new(size) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("threadpool: cannot allocate {size} bytes: {e}");
             std::process::exit(1);

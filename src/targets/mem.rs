@@ -55,6 +55,38 @@ impl MemStore {
     }
 }
 
+impl MemStore {
+    /// Serves one request against the store: READ copies into `buf`, WRITE
+    /// copies from it, DISCARD/WRITE_ZEROES zero the range. Returns the
+    /// request's result (bytes for READ/WRITE, 0, or a negative errno). Any
+    /// thread: usable by targets that complete requests elsewhere.
+    pub fn apply(&self, op: Op, off: u64, len: u32, buf: &mut [u8]) -> i32 {
+        let len = len as usize;
+        match op {
+            Op::Read | Op::Write => match self.range(off, len) {
+                Some(p) if buf.len() >= len => {
+                    // SAFETY: p..p+len is inside the store and buf holds at
+                    // least len bytes of the request's own buffer; they never
+                    // overlap. Concurrent requests on overlapping ranges have
+                    // undefined content on any block device; they cannot fault.
+                    unsafe {
+                        if op == Op::Read {
+                            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), len);
+                        } else {
+                            std::ptr::copy_nonoverlapping(buf.as_ptr(), p, len);
+                        }
+                    }
+                    len as i32
+                }
+                _ => -libc::EIO,
+            },
+            Op::Flush => 0,
+            Op::Discard | Op::WriteZeroes => self.zero(off, len),
+            Op::Other(_) => -libc::EOPNOTSUPP,
+        }
+    }
+}
+
 pub struct MemTarget {
     store: Arc<MemStore>,
 }
@@ -67,29 +99,8 @@ impl MemTarget {
 
 impl Target for MemTarget {
     fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, mut io: Io<'_>) {
-        let (off, len) = (io.offset(), io.len() as usize);
-        let op = io.op();
-        let res = match op {
-            Op::Read | Op::Write => match self.store.range(off, len) {
-                None => -libc::EIO,
-                Some(p) => {
-                    let buf = io.buf();
-                    // SAFETY: p..p+len is inside the store, buf is the request's
-                    // own buffer of len bytes; they never overlap.
-                    unsafe {
-                        if op == Op::Read {
-                            std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), len);
-                        } else {
-                            std::ptr::copy_nonoverlapping(buf.as_ptr(), p, len);
-                        }
-                    }
-                    len as i32
-                }
-            },
-            Op::Flush => 0,
-            Op::Discard | Op::WriteZeroes => self.store.zero(off, len),
-            Op::Other(_) => -libc::EOPNOTSUPP,
-        };
+        let (op, off, len) = (io.op(), io.offset(), io.len());
+        let res = self.store.apply(op, off, len, io.buf());
         let _ = ctx.complete(io.tag(), res);
     }
 }

@@ -410,6 +410,27 @@ fio_bg() {
 }
 _io_moved() { [[ -e /sys/block/${1##*/}/stat ]] && (($(dev_stat "$1" | awk '{ print $1 + $3 }') >= $2)); }
 
+# add_under_io LABEL ADD-ARGS...: adds a device with the CLI, checks that
+# `ublk list` names its live server, starts fio_bg on it and lets IO run for
+# 2 s. Sets DEV_ID, DEV_PATH, SERVER_PID (and FIO_PID, FIO_OUT); returns 1
+# after recording a failure.
+add_under_io() {
+    local label=$1
+    shift
+    must_add "$label-add" "$@" || return 1
+    SERVER_PID=$(server_pid "$DEV_ID")
+    if ! pid_alive "$SERVER_PID" || [[ $(cat "/proc/$SERVER_PID/comm" 2>/dev/null) != ublk ]]; then
+        fail "$label-server-pid" "\`ublk list\` PID '$SERVER_PID' is not a live ublk process"
+        return 1
+    fi
+    if ! fio_bg "$label" "$DEV_PATH"; then
+        show_file "$FIO_OUT"
+        fail "$label-fio-start" "fio did not get IO going on $DEV_PATH"
+        return 1
+    fi
+    sleep 2
+}
+
 # fio_errored FILE RC: fio's run ended with an IO error (status or output).
 fio_errored() {
     (($2 != 0)) && return 0

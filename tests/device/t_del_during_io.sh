@@ -16,19 +16,8 @@ END_BOUND=30   # seconds fio and the server may take to end after it
 del_case() {
     local label=$1
     shift
-    must_add "$label-add" "$@" || return
-    local id=$DEV_ID dev=$DEV_PATH pid
-    pid=$(server_pid "$id")
-    if ! pid_alive "$pid" || [[ $(cat "/proc/$pid/comm" 2>/dev/null) != ublk ]]; then
-        fail "$label-server-pid" "\`ublk list\` PID '$pid' is not a live ublk process"
-        return
-    fi
-    if ! fio_bg "$label" "$dev"; then
-        show_file "$FIO_OUT"
-        fail "$label-fio-start" "fio did not get IO going on $dev"
-        return
-    fi
-    sleep 2
+    add_under_io "$label" "$@" || return
+    local id=$DEV_ID dev=$DEV_PATH pid=$SERVER_PID
     log "$label: deleting device $id (server pid $pid) under fio"
     local t0=$SECONDS rc
     run_with_timeout $((DEL_BOUND + 30)) "$UBLK" del "$id" >"$T_WORK/del.out" 2>&1

@@ -51,19 +51,8 @@ after_signal() {
 term_case() {
     local label=$1
     shift
-    must_add "$label-add" "$@" || return
-    local id=$DEV_ID dev=$DEV_PATH pid
-    pid=$(server_pid "$id")
-    if ! pid_alive "$pid" || [[ $(cat "/proc/$pid/comm" 2>/dev/null) != ublk ]]; then
-        fail "$label-server-pid" "\`ublk list\` PID '$pid' is not a live ublk process"
-        return
-    fi
-    if ! fio_bg "$label" "$dev"; then
-        show_file "$FIO_OUT"
-        fail "$label-fio-start" "fio did not get IO going on $dev"
-        return
-    fi
-    sleep 2
+    add_under_io "$label" "$@" || return
+    local id=$DEV_ID dev=$DEV_PATH pid=$SERVER_PID
     local why
     if why=$(sig_ready "$pid"); then
         pass "$label-signal-safe"
