@@ -50,6 +50,9 @@ int main(int argc, char **argv)
     example_parse(argc, argv, &o);
     rd.size = o.size;
     rd.mem = mmap(NULL, rd.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    /* small pages: random first writes would otherwise zero whole huge pages */
+    if (rd.mem != MAP_FAILED)
+        madvise(rd.mem, rd.size, MADV_NOHUGEPAGE);
     if (rd.mem == MAP_FAILED) {
         perror("ramdisk: mmap");
         return 1;

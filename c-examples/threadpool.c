@@ -96,6 +96,9 @@ int main(int argc, char **argv)
     example_parse(argc, argv, &o);
     p.size = o.size;
     p.mem = mmap(NULL, p.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    /* small pages: random first writes would otherwise zero whole huge pages */
+    if (p.mem != MAP_FAILED)
+        madvise(p.mem, p.size, MADV_NOHUGEPAGE);
     p.cap = (size_t)o.queues * o.depth;
     p.ring = calloc(p.cap, sizeof(*p.ring));
     tids = calloc(o.threads, sizeof(*tids));
