@@ -145,11 +145,7 @@ impl Ctrl {
     /// `UBLK_U_CMD_ADD_DEV`. `info` goes in and comes back as the kernel set it.
     pub fn add_dev(&self, info: &mut ublksrv_ctrl_dev_info) -> Result<()> {
         let cmd = ublksrv_ctrl_cmd { dev_id: info.dev_id, queue_id: u16::MAX, ..Default::default() };
-        let bytes = as_bytes_mut(info);
-        let mut tmp = bytes.to_vec();
-        self.command("ADD_DEV", sys::UBLK_U_CMD_ADD_DEV, cmd, Payload::Out(&mut tmp), DEFAULT_TIMEOUT)?;
-        bytes.copy_from_slice(&tmp);
-        Ok(())
+        self.command("ADD_DEV", sys::UBLK_U_CMD_ADD_DEV, cmd, Payload::Out(as_bytes_mut(info)), DEFAULT_TIMEOUT).map(drop)
     }
 
     /// `UBLK_U_CMD_DEL_DEV`: waits until the server has released `/dev/ublkcN`.
@@ -179,18 +175,14 @@ impl Ctrl {
     /// `UBLK_U_CMD_GET_PARAMS`.
     pub fn get_params(&self, dev_id: u32) -> Result<ublk_params> {
         let mut p = ublk_params { len: std::mem::size_of::<ublk_params>() as u32, ..Default::default() };
-        let mut tmp = as_bytes_mut(&mut p).to_vec();
-        self.command("GET_PARAMS", sys::UBLK_U_CMD_GET_PARAMS, Self::dev_cmd(dev_id), Payload::Out(&mut tmp), DEFAULT_TIMEOUT)?;
-        as_bytes_mut(&mut p).copy_from_slice(&tmp);
+        self.command("GET_PARAMS", sys::UBLK_U_CMD_GET_PARAMS, Self::dev_cmd(dev_id), Payload::Out(as_bytes_mut(&mut p)), DEFAULT_TIMEOUT)?;
         Ok(p)
     }
 
     /// `UBLK_U_CMD_GET_DEV_INFO`.
     pub fn get_dev_info(&self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
         let mut info = ublksrv_ctrl_dev_info::default();
-        let mut tmp = as_bytes_mut(&mut info).to_vec();
-        self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(dev_id), Payload::Out(&mut tmp), DEFAULT_TIMEOUT)?;
-        as_bytes_mut(&mut info).copy_from_slice(&tmp);
+        self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(dev_id), Payload::Out(as_bytes_mut(&mut info)), DEFAULT_TIMEOUT)?;
         Ok(info)
     }
 

@@ -94,13 +94,21 @@ impl QueueShared {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::new(libc::ESHUTDOWN, format!("queue {} has stopped serving", self.q_id)));
         }
-        let (res, err) = match check_result(req.op, req.len, res) {
-            Ok(r) => (r, None),
-            Err(e) => (-libc::EIO, Some(e)),
-        };
-        self.claim(req.tag, req.seq)?;
+        let (res, report) = self.claim_result(req.op, req.len, req.tag, req.seq, res)?;
         self.post(req.tag, res);
-        err.map_or(Ok(()), Err)
+        report
+    }
+
+    /// Checks `res` for a request of `op`/`len`, then claims (tag, seq). Gives
+    /// the result to commit (EIO instead of an oversized one) and what to
+    /// report to the caller (the oversized result's EINVAL, or Ok).
+    pub(crate) fn claim_result(&self, op: Op, len: u32, tag: u16, seq: u64, res: i32) -> Result<(i32, Result<()>)> {
+        let (res, report) = match check_result(op, len, res) {
+            Ok(r) => (r, Ok(())),
+            Err(e) => (-libc::EIO, Err(e)),
+        };
+        self.claim(tag, seq)?;
+        Ok((res, report))
     }
 
     /// Hands a completion to the queue thread and wakes it.

@@ -5,7 +5,7 @@
 
 use crate::buf::{DescArray, TagBuffers};
 use crate::error::{Error, Result};
-use crate::io::{check_result, Completion, Io, IoFlags, Op, QueueShared, Request, PHASE_KERNEL, PHASE_TARGET};
+use crate::io::{Completion, Io, IoFlags, Op, QueueShared, Request, PHASE_KERNEL, PHASE_TARGET};
 use crate::sys;
 use crate::target::Target;
 use crossbeam_channel::Receiver;
@@ -95,13 +95,9 @@ impl QueueCtx<'_> {
     pub(crate) fn complete_seq(&mut self, tag: u16, seq: u64, res: i32) -> Result<()> {
         let c = &mut *self.core;
         let l = *c.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
-        let (res, err) = match check_result(l.op, l.len, res) {
-            Ok(r) => (r, None),
-            Err(e) => (-libc::EIO, Some(e)),
-        };
-        c.shared.claim(tag, seq)?;
+        let (res, report) = c.shared.claim_result(l.op, l.len, tag, seq, res)?;
         c.commit(tag, res);
-        err.map_or(Ok(()), Err)
+        report
     }
 
     pub(crate) fn shared(&self) -> &Arc<QueueShared> {
