@@ -1,5 +1,7 @@
-/* A loop device over a file: backing IO runs on each queue's own io_uring
- * (ublk_io_read_at & co), so the server needs no threads of its own. */
+/* A loop device over a file: each request's buffer is lent to IO on the file
+ * (ublk_io_lease_read / _write), zero copy where the kernel allows, on each
+ * queue's own io_uring, so the server needs no threads of its own. Reads and
+ * writes complete by themselves when their lease operation is over. */
 #define _GNU_SOURCE
 #include "common.h"
 #include <fcntl.h>
@@ -40,12 +42,11 @@ static void handle_io(void *user, ublk_io *io)
     int r;
 
     switch (ublk_io_op(io)) {
-    case UBLK_OP_READ:
-        r = ublk_io_read_at(io, lo->fd, off, 0, len, done, lo);
+    case UBLK_OP_READ: /* a short read (end of file) leaves zeroes */
+        r = ublk_io_lease_read(io, lo->fd, off, 0, len, NULL, NULL);
         break;
-    case UBLK_OP_WRITE:
-        r = ublk_io_write_at(io, lo->fd, off, 0, len,
-                             (ublk_io_flags(io) & UBLK_FLAG_FUA) ? RWF_DSYNC : 0, done, lo);
+    case UBLK_OP_WRITE: /* FUA becomes RWF_DSYNC */
+        r = ublk_io_lease_write(io, lo->fd, off, 0, len, NULL, NULL);
         break;
     case UBLK_OP_FLUSH:
         r = ublk_io_fsync(io, lo->fd, 1, done, lo);
@@ -88,6 +89,7 @@ int main(int argc, char **argv)
     cfg.size = st.st_size & ~4095ULL;
     cfg.nr_queues = o.queues;
     cfg.queue_depth = o.depth;
+    cfg.data_mode = o.data_mode;
     cfg.volatile_cache = 1;
     cfg.discard = 1;
     cfg.target_name = "c-loop";

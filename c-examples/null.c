@@ -19,6 +19,7 @@ int main(int argc, char **argv)
     cfg.size = o.size;
     cfg.nr_queues = o.queues;
     cfg.queue_depth = o.depth;
+    cfg.data_mode = o.data_mode;
     cfg.target_name = "c-null";
     return example_run("null", &cfg, &ops, NULL, NULL);
 }

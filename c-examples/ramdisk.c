@@ -61,6 +61,8 @@ int main(int argc, char **argv)
     cfg.size = o.size;
     cfg.nr_queues = o.queues;
     cfg.queue_depth = o.depth;
+    cfg.data_mode = o.data_mode;
+    cfg.needs_buffer = 1; /* serves from memory through ublk_io_buf() */
     cfg.discard = 1;
     cfg.target_name = "c-ramdisk";
     r = example_run("ramdisk", &cfg, &ops, &rd, NULL);

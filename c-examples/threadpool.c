@@ -113,6 +113,8 @@ int main(int argc, char **argv)
     cfg.size = o.size;
     cfg.nr_queues = o.queues;
     cfg.queue_depth = o.depth;
+    cfg.data_mode = o.data_mode;
+    cfg.needs_buffer = 1; /* workers copy through ublk_io_buf() */
     cfg.target_name = "c-threadpool";
     p.tids = tids;
     p.nthreads = o.threads;

@@ -148,6 +148,8 @@ fn main() {
         queues,
         depth,
         target_name: "threadpool".into(),
+        // the workers serve requests from memory through Completion::buf
+        needs_buffer: true,
         discard: Some(DiscardLimits::default()),
         ..Default::default()
     };

@@ -46,15 +46,32 @@
 #define UBLK_FLAG_NOUNMAP 32768
 
 /**
- * `ublk_dev_info.data_mode` values.
+ * Data modes: `ublk_dev_config.data_mode` (what to ask for) and
+ * `ublk_dev_info.data_mode` (what the device runs in, never AUTO).
+ * AUTO: the best the kernel offers (AUTO_BUF_REG, then REGISTER, then
+ * USER_COPY, then COPY; COPY when `needs_buffer` is set).
  */
-#define UBLK_DATA_COPY 0
+#define UBLK_DATA_AUTO 0
 
-#define UBLK_DATA_USER_COPY 1
+/**
+ * Zero copy: the kernel registers each request's buffer on the queue ring.
+ */
+#define UBLK_DATA_AUTO_BUF_REG 1
 
-#define UBLK_DATA_ZERO_COPY 2
+/**
+ * Zero copy: the engine registers a request's buffer when it is first leased.
+ */
+#define UBLK_DATA_REGISTER 2
 
-#define UBLK_DATA_AUTO_BUF_REG 3
+/**
+ * Data moves by pread/pwrite on /dev/ublkcN (through a per-request bounce buffer).
+ */
+#define UBLK_DATA_USER_COPY 3
+
+/**
+ * The kernel copies data into / out of a per-request buffer (`ublk_io_buf`).
+ */
+#define UBLK_DATA_COPY 4
 
 /**
  * A ublk device (opaque). Created by `ublk_dev_new`, freed by `ublk_dev_free`.
@@ -135,9 +152,23 @@ typedef struct ublk_dev_config {
    */
   uint32_t timeout_ms;
   /**
-   * Extra `UBLK_F_*` bits to request; refused (-EOPNOTSUPP) if the kernel lacks them.
+   * Extra `UBLK_F_*` bits to request; refused (-EOPNOTSUPP) if the kernel
+   * lacks them. The data-mode bits (ZERO_COPY, USER_COPY, AUTO_BUF_REG,
+   * NEED_GET_DATA) are refused (-EINVAL): use `data_mode`.
    */
   uint64_t flags;
+  /**
+   * UBLK_DATA_AUTO (default), _AUTO_BUF_REG, _REGISTER, _USER_COPY or _COPY.
+   * A mode the kernel lacks fails `ublk_dev_new` with -EOPNOTSUPP.
+   */
+  uint32_t data_mode;
+  /**
+   * Non-zero: `handle_io` reads or writes the data through `ublk_io_buf()`,
+   * which only UBLK_DATA_COPY provides: AUTO then picks COPY and the
+   * other modes are refused (-EINVAL). Zero (default): the target moves
+   * data with the `ublk_io_lease_*` operations (or not at all).
+   */
+  uint8_t needs_buffer;
   /**
    * Target name recorded in the state file (`ublk list`); NULL = "custom".
    * Borrowed: read during `ublk_dev_new` only.
@@ -160,8 +191,9 @@ typedef struct ublk_dev_config {
 typedef struct ublk_target_ops {
   /**
    * Required. One request arrived. Complete it with `ublk_io_complete()`,
-   * now or later from any thread, or start backing IO on it with
-   * `ublk_io_read_at()` & co. `io` stays valid until it is completed.
+   * now or later from any thread, or lend its buffer to IO on files and
+   * sockets with `ublk_io_lease_read()` & co (it then completes when the
+   * last lease operation is over). `io` stays valid until it is completed.
    */
   void (*handle_io)(void *user, struct ublk_io *io);
   /**
@@ -185,7 +217,7 @@ typedef struct ublk_dev_info {
   uint16_t queue_depth;
   uint32_t max_io_bytes;
   /**
-   * UBLK_DATA_COPY, UBLK_DATA_USER_COPY, UBLK_DATA_ZERO_COPY or UBLK_DATA_AUTO_BUF_REG.
+   * The mode the device runs in: UBLK_DATA_AUTO_BUF_REG, _REGISTER, _USER_COPY or _COPY.
    */
   uint32_t data_mode;
   /**
@@ -215,6 +247,15 @@ typedef struct ublk_queue_stats {
    * Requests handed to the target and not completed yet.
    */
   uint64_t in_flight;
+  /**
+   * Request data bytes copied between a request and a server buffer (copy
+   * and user-copy modes); zero-copy leases copy none.
+   */
+  uint64_t copied_bytes;
+  /**
+   * Lease operations submitted.
+   */
+  uint64_t lease_ops;
 } ublk_queue_stats;
 
 /**
@@ -225,6 +266,12 @@ typedef void (*ublk_backing_cb)(void *user, struct ublk_io *io, int res);
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+/**
+ * Name of a UBLK_DATA_* value ("auto", "auto-buf-reg", "register",
+ * "user-copy", "copy"; "unknown" otherwise): a static string. Any thread.
+ */
+const char *ublk_data_mode_name(uint32_t mode);
 
 /**
  * A static description of an error code: `"EINVAL: Invalid argument"`.
@@ -383,7 +430,9 @@ uint16_t ublk_io_tag(const struct ublk_io *io);
 /**
  * The request's data buffer (`ublk_io_len` bytes: fill it for READ, read it
  * for WRITE), owned by the engine and valid until the request is completed;
- * NULL for requests without data.
+ * NULL for requests without data, and in every data mode but
+ * UBLK_DATA_COPY (set `ublk_dev_config.needs_buffer` to get copy mode; the
+ * other modes move data with the `ublk_io_lease_*` operations).
  */
 void *ublk_io_buf(struct ublk_io *io);
 
@@ -393,41 +442,86 @@ void *ublk_io_buf(struct ublk_io *io);
 void *ublk_io_queue_data(const struct ublk_io *io);
 
 /**
- * Reads `len` bytes at `file_off` of `fd` into the request buffer at
- * `buf_off`, on the queue's io_uring; `cb(cb_user, io, res)` runs on the queue
- * thread when done (it may complete `io` or submit more). Only from a
- * callback on the request's queue thread (-EXDEV otherwise). -EINVAL if the
- * range is outside the request. `fd` must stay open until `cb` runs.
+ * Lease: fills `len` bytes of a READ request's buffer at `buf_off` from `fd`
+ * at `file_off`, on the queue's io_uring, zero copy where the data mode
+ * allows. A read that ends early (end of file) leaves zeroes in the rest of
+ * the range. When `cb` is not NULL, `cb(cb_user, io, res)` runs on the queue
+ * thread when the operation is over (`res`: `len`, or a negative errno); it
+ * may submit more operations or complete `io`. When the last lease operation
+ * of the request is over and the request was not completed, the engine
+ * completes it with the total bytes or the first error (see
+ * `ublk_io_lease_manual`). Errors: -EPERM (not a READ request: its buffer is
+ * a source only), -EINVAL (range empty or outside the request), -EALREADY
+ * (request already completed), -EXDEV (not on the request's queue thread),
+ * -EBADF (fd < 0). `fd` must stay open until the operation is over.
  */
-int ublk_io_read_at(struct ublk_io *io,
-                    int fd,
-                    uint64_t file_off,
-                    uint32_t buf_off,
-                    uint32_t len,
-                    ublk_backing_cb cb,
-                    void *cb_user);
+int ublk_io_lease_read(struct ublk_io *io,
+                       int fd,
+                       uint64_t file_off,
+                       uint32_t buf_off,
+                       uint32_t len,
+                       ublk_backing_cb cb,
+                       void *cb_user);
 
 /**
- * Writes `len` bytes of the request buffer at `buf_off` to `fd` at `file_off`
- * (`rw_flags`: RWF_* such as RWF_DSYNC for FUA). As `ublk_io_read_at`.
+ * Lease: writes `len` bytes of a WRITE request's buffer at `buf_off` to `fd`
+ * at `file_off` (RWF_DSYNC when the request has UBLK_FLAG_FUA). As
+ * `ublk_io_lease_read`; -EPERM when the request is not a WRITE (a READ
+ * request's buffer is a destination only).
  */
-int ublk_io_write_at(struct ublk_io *io,
-                     int fd,
-                     uint64_t file_off,
-                     uint32_t buf_off,
-                     uint32_t len,
-                     int rw_flags,
-                     ublk_backing_cb cb,
-                     void *cb_user);
+int ublk_io_lease_write(struct ublk_io *io,
+                        int fd,
+                        uint64_t file_off,
+                        uint32_t buf_off,
+                        uint32_t len,
+                        ublk_backing_cb cb,
+                        void *cb_user);
 
 /**
- * fsync (`datasync` = 0) or fdatasync (non-zero) of `fd`. As `ublk_io_read_at`.
+ * Lease: sends `len` bytes of a WRITE request's buffer at `buf_off` on the
+ * stream socket `sock` (all of them: short sends are continued). In zero-copy
+ * modes this is a write on the socket, which raises SIGPIPE when the peer has
+ * closed unless SIGPIPE is ignored. As `ublk_io_lease_write`.
+ */
+int ublk_io_lease_send(struct ublk_io *io,
+                       int sock,
+                       uint32_t buf_off,
+                       uint32_t len,
+                       ublk_backing_cb cb,
+                       void *cb_user);
+
+/**
+ * Lease: receives exactly `len` bytes from the stream socket `sock` into a
+ * READ request's buffer at `buf_off`; the peer closing first fails the
+ * operation with -ECONNRESET. As `ublk_io_lease_read`.
+ */
+int ublk_io_lease_recv(struct ublk_io *io,
+                       int sock,
+                       uint32_t buf_off,
+                       uint32_t len,
+                       ublk_backing_cb cb,
+                       void *cb_user);
+
+/**
+ * The target completes `io` itself with `ublk_io_complete` (e.g. after
+ * retrying a failed lease operation) instead of the aggregate completion.
+ * The completion is still held back until every lease operation on the
+ * request is over. Only on the request's queue thread (else -EXDEV);
+ * -EALREADY once the request is completed.
+ */
+int ublk_io_lease_manual(struct ublk_io *io);
+
+/**
+ * fsync (`datasync` = 0) or fdatasync (non-zero) of `fd` on the queue's
+ * io_uring; `cb(cb_user, io, res)` (required) runs on the queue thread when
+ * done and completes `io` (or submits more). Only from a callback on the
+ * request's queue thread (-EXDEV otherwise). `fd` must stay open until `cb` runs.
  */
 int ublk_io_fsync(struct ublk_io *io, int fd, int datasync, ublk_backing_cb cb, void *cb_user);
 
 /**
  * fallocate(fd, mode, off, len) (e.g. FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE
- * for DISCARD). As `ublk_io_read_at`.
+ * for DISCARD). As `ublk_io_fsync`.
  */
 int ublk_io_fallocate(struct ublk_io *io,
                       int fd,

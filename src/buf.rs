@@ -80,6 +80,11 @@ impl TagBuffers {
         Ok(TagBuffers { map: Some(map), slot })
     }
 
+    /// No buffers (zero-copy modes: the data stays in the request).
+    pub(crate) fn none() -> TagBuffers {
+        TagBuffers { map: None, slot: 0 }
+    }
+
     pub(crate) fn get(&self, tag: u16) -> *mut u8 {
         match &self.map {
             // SAFETY: tag < depth is checked by the queue before use, so the

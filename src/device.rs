@@ -3,6 +3,7 @@
 use crate::ctrl::{Ctrl, DEFAULT_TIMEOUT};
 use crate::error::{Error, Result};
 use crate::io::QueueShared;
+use crate::mode::{DataMode, ZeroCopy, MODE_FLAGS};
 use crate::queue::{Queue, QueueSetup};
 use crate::state::{StateFile, DEFAULT_STATE_DIR};
 use crate::stats::QueueStatsSnapshot;
@@ -51,7 +52,15 @@ pub struct DeviceConfig {
     pub volatile_cache: bool,
     /// Discard / write-zeroes support.
     pub discard: Option<DiscardLimits>,
+    /// How request data moves (see [`ZeroCopy`]); `Auto` takes the best the
+    /// kernel offers. The mode chosen is [`Device::data_mode`].
+    pub zero_copy: ZeroCopy,
+    /// The target reads and writes request data in memory (`Io::buf`): only
+    /// copy mode gives it that, so `Auto` resolves to copy and the other
+    /// modes are refused.
+    pub needs_buffer: bool,
     /// Extra `UBLK_F_*` bits to request; refused if the kernel lacks them.
+    /// The data-mode bits are chosen through `zero_copy`, not here.
     pub flags: u64,
     /// Target name, recorded in the state file (`ublk list` shows it).
     pub target_name: String,
@@ -77,6 +86,8 @@ impl Default for DeviceConfig {
             rotational: false,
             volatile_cache: false,
             discard: None,
+            zero_copy: ZeroCopy::Auto,
+            needs_buffer: false,
             flags: 0,
             target_name: "custom".into(),
             target_args: Vec::new(),
@@ -131,6 +142,12 @@ impl DeviceConfig {
         if self.timeout.is_zero() {
             return Err(Error::inval("timeout must not be zero"));
         }
+        if self.flags & MODE_FLAGS != 0 {
+            return Err(Error::inval(format!(
+                "flags {}: the data mode is chosen with zero_copy, not with UBLK_F_* bits",
+                feature_names(self.flags & MODE_FLAGS).join(", ")
+            )));
+        }
         Ok(())
     }
 
@@ -163,17 +180,9 @@ impl DeviceConfig {
     }
 }
 
-/// How request data reaches the server.
+/// How request data reaches the server, from the device's `UBLK_F_*` bits.
 pub fn data_mode_name(flags: u64) -> &'static str {
-    if flags & sys::UBLK_F_AUTO_BUF_REG != 0 {
-        "auto-buf-reg"
-    } else if flags & sys::UBLK_F_SUPPORT_ZERO_COPY != 0 {
-        "register"
-    } else if flags & sys::UBLK_F_USER_COPY != 0 {
-        "user-copy"
-    } else {
-        "copy"
-    }
+    DataMode::from_flags(flags).name()
 }
 
 /// Names of the set `UBLK_F_*` bits; unknown bits as `bit<N>`.
@@ -257,6 +266,7 @@ pub struct Device {
     ctrl: Ctrl,
     info: ublksrv_ctrl_dev_info,
     features: u64,
+    mode: DataMode,
     cfg: DeviceConfig,
     char_file: Option<File>,
     stop: StopHandle,
@@ -271,6 +281,9 @@ impl Device {
         cfg.validate()?;
         let mut ctrl = Ctrl::open()?;
         let features = ctrl.get_features()?;
+        let unprivileged = cfg.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0;
+        let mode = crate::mode::resolve(cfg.zero_copy, features, cfg.needs_buffer, unprivileged)?;
+        let want_flags = cfg.flags | mode.flags(features);
         let missing = cfg.flags & !features;
         if missing != 0 {
             return Err(Error::new(
@@ -284,7 +297,7 @@ impl Device {
             queue_depth: cfg.depth,
             max_io_buf_bytes: cfg.max_io_bytes / page * page,
             dev_id: cfg.dev_id.unwrap_or(u32::MAX),
-            flags: cfg.flags,
+            flags: want_flags,
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
@@ -292,6 +305,7 @@ impl Device {
             ctrl,
             info,
             features,
+            mode,
             stop: StopHandle {
                 dev_id: info.dev_id,
                 force_exit: Arc::new(AtomicBool::new(false)),
@@ -305,7 +319,7 @@ impl Device {
             threads: Vec::new(),
         };
         // From here on, Drop deletes the device if anything fails.
-        let dropped = dev.cfg.flags & !info.flags;
+        let dropped = want_flags & !info.flags;
         if dropped != 0 {
             return Err(Error::new(libc::EOPNOTSUPP, format!("the kernel refused ublk features {}", feature_names(dropped).join(", "))));
         }
@@ -353,9 +367,9 @@ impl Device {
         self.features
     }
 
-    /// The data mode the device negotiated (`copy`, `user-copy`, …).
-    pub fn data_mode(&self) -> &'static str {
-        data_mode_name(self.info.flags)
+    /// The data mode the device runs in.
+    pub fn data_mode(&self) -> DataMode {
+        self.mode
     }
 
     pub fn block_path(&self) -> PathBuf {
@@ -394,6 +408,8 @@ impl Device {
                 buf_bytes: self.info.max_io_buf_bytes,
                 char_fd,
                 affinity,
+                mode: self.mode,
+                flags: self.info.flags,
                 force_exit: self.stop.force_exit.clone(),
             };
             let (ready_tx, exit_tx, factory) = (ready_tx.clone(), exit_tx.clone(), factory.clone());

@@ -6,22 +6,28 @@
 use crate::buf::{DescArray, TagBuffers};
 use crate::error::{Error, Result};
 use crate::io::{Completion, Io, IoFlags, Op, QueueShared, Request, PHASE_KERNEL, PHASE_TARGET};
+use crate::lease::Leases;
+use crate::mode::DataMode;
 use crate::sys;
 use crate::target::Target;
 use crossbeam_channel::Receiver;
 use io_uring::{opcode, squeue, types, IoUring};
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-// user_data layout: kind in bits 62..63, target data in bits 16..47, tag in 0..15.
-const KIND_SHIFT: u32 = 62;
+// user_data layout: kind in bits 61..63, target data in bits 16..47, tag in 0..15.
+const KIND_SHIFT: u32 = 61;
 const KIND_CMD: u64 = 0;
 const KIND_BACKING: u64 = 1;
 const KIND_WAKE: u64 = 2;
 const KIND_CANCEL: u64 = 3;
+/// A lease operation (data: its slot in the lease slab).
+pub(crate) const KIND_LEASE: u64 = 4;
+/// A failed REGISTER/UNREGISTER_IO_BUF (data: the command).
+pub(crate) const KIND_BUFCMD: u64 = 5;
 
-fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
+pub(crate) fn user_data(kind: u64, tag: u16, data: u32) -> u64 {
     (kind << KIND_SHIFT) | ((data as u64) << 16) | tag as u64
 }
 
@@ -34,6 +40,9 @@ pub(crate) struct QueueSetup {
     pub buf_bytes: u32,
     pub char_fd: RawFd,
     pub affinity: Vec<usize>,
+    pub mode: DataMode,
+    /// The device's negotiated `UBLK_F_*` bits.
+    pub flags: u64,
     pub force_exit: Arc<AtomicBool>,
 }
 
@@ -49,25 +58,31 @@ pub struct QueueInfo {
 
 /// Per-tag bookkeeping private to the queue thread.
 #[derive(Clone, Copy)]
-struct TagLocal {
-    seq: u64,
-    op: Op,
-    off: u64,
-    len: u32,
+pub(crate) struct TagLocal {
+    pub(crate) seq: u64,
+    pub(crate) op: Op,
+    pub(crate) flags: IoFlags,
+    pub(crate) off: u64,
+    pub(crate) len: u32,
 }
 
 /// Everything of a queue except the target, so both can be borrowed at once.
 pub(crate) struct QueueCore {
     ring: IoUring,
-    shared: Arc<QueueShared>,
-    bufs: Arc<TagBuffers>,
+    pub(crate) shared: Arc<QueueShared>,
+    pub(crate) bufs: Arc<TagBuffers>,
     descs: DescArray,
-    local: Vec<TagLocal>,
-    info: QueueInfo,
-    char_fd: RawFd,
+    pub(crate) local: Vec<TagLocal>,
+    pub(crate) info: QueueInfo,
+    pub(crate) char_fd: RawFd,
+    pub(crate) mode: DataMode,
+    pub(crate) flags: u64,
+    pub(crate) leases: Leases,
+    /// `/dev/zero`, read into registered buffers to zero-fill after short reads.
+    pub(crate) zero_fd: Option<OwnedFd>,
     in_kernel: u32,
     target_owned: u32,
-    backing_inflight: u32,
+    pub(crate) backing_inflight: u32,
     /// Target of the eventfd read (cancelled before the ring goes, see `run`).
     wake_buf: Box<u64>,
     wake_armed: bool,
@@ -77,7 +92,7 @@ pub(crate) struct QueueCore {
 /// The queue as a target sees it while handling a request or a backing
 /// completion: complete requests, defer them to other threads, submit backing IO.
 pub struct QueueCtx<'a> {
-    core: &'a mut QueueCore,
+    pub(crate) core: &'a mut QueueCore,
 }
 
 impl QueueCtx<'_> {
@@ -114,37 +129,6 @@ impl QueueCtx<'_> {
         Completion { shared: self.core.shared.clone(), req: io.req, done: false }
     }
 
-    fn check_range(&self, tag: u16, buf_off: u32, len: u32) -> Result<*mut u8> {
-        let l = self.core.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?;
-        if !l.op.has_data() || buf_off as u64 + len as u64 > l.len as u64 {
-            return Err(Error::inval(format!("range {buf_off}+{len} outside the {}-byte request of tag {tag}", l.len)));
-        }
-        let base = self.core.bufs.get(tag);
-        if base.is_null() {
-            return Err(Error::new(libc::EOPNOTSUPP, "this data mode has no server buffer"));
-        }
-        // SAFETY: buf_off + len <= request length <= slot size.
-        Ok(unsafe { base.add(buf_off as usize) })
-    }
-
-    /// Reads `len` bytes at `file_off` of `fd` into the request buffer at
-    /// `buf_off`; `backing_complete(tag, data, res)` follows.
-    pub fn read_at(&mut self, tag: u16, fd: RawFd, file_off: u64, buf_off: u32, len: u32, data: u32) -> Result<()> {
-        let p = self.check_range(tag, buf_off, len)?;
-        let e = opcode::Read::new(types::Fd(fd), p, len).offset(file_off).build();
-        // SAFETY: the target range lies inside the tag's buffer, which outlives the op.
-        unsafe { self.submit(e, tag, data) }
-    }
-
-    /// Writes `len` bytes of the request buffer at `buf_off` to `fd` at
-    /// `file_off`, with `rw_flags` (e.g. `RWF_DSYNC` for FUA).
-    pub fn write_at(&mut self, tag: u16, fd: RawFd, file_off: u64, buf_off: u32, len: u32, rw_flags: i32, data: u32) -> Result<()> {
-        let p = self.check_range(tag, buf_off, len)?;
-        let e = opcode::Write::new(types::Fd(fd), p, len).offset(file_off).rw_flags(rw_flags).build();
-        // SAFETY: as in read_at.
-        unsafe { self.submit(e, tag, data) }
-    }
-
     /// fsync / fdatasync of `fd`.
     pub fn fsync(&mut self, tag: u16, fd: RawFd, datasync: bool, data: u32) -> Result<()> {
         let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
@@ -173,7 +157,7 @@ impl QueueCtx<'_> {
 }
 
 impl QueueCore {
-    fn push(&mut self, e: squeue::Entry) -> Result<()> {
+    pub(crate) fn push(&mut self, e: squeue::Entry) -> Result<()> {
         loop {
             // SAFETY: callers guarantee the memory referenced by `e` stays valid.
             if unsafe { self.ring.submission().push(&e) }.is_ok() {
@@ -184,11 +168,18 @@ impl QueueCore {
     }
 
     fn io_cmd(&mut self, op: u32, tag: u16, result: i32) {
-        let cmd = sys::ublksrv_io_cmd { q_id: self.info.queue_id, tag, result, addr: self.bufs.get(tag) as u64 };
+        // copy mode: the kernel copies into / out of the tag's buffer; the
+        // other modes pass no buffer (auto-buf-reg: the table index in sqe->addr)
+        let addr = if self.mode == DataMode::Copy { self.bufs.get(tag) as u64 } else { 0 };
+        let cmd = sys::ublksrv_io_cmd { q_id: self.info.queue_id, tag, result, addr };
         let mut raw = [0u8; 16];
         // SAFETY: ublksrv_io_cmd is 16 bytes of plain data.
         unsafe { std::ptr::write_unaligned(raw.as_mut_ptr() as *mut sys::ublksrv_io_cmd, cmd) };
-        let e = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(raw).build().user_data(user_data(KIND_CMD, tag, 0));
+        let mut c = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(raw);
+        if self.mode == DataMode::AutoBufReg {
+            c = c.addr(Some(sys::auto_buf_reg_addr(tag, sys::UBLK_AUTO_BUF_REG_FALLBACK)));
+        }
+        let e = c.build().user_data(user_data(KIND_CMD, tag, 0));
         if let Err(err) = self.push(e) {
             // Cannot happen short of a broken ring; the tag is lost, say so.
             eprintln!("ublk: queue {}: cannot submit command for tag {tag}: {err}", self.info.queue_id);
@@ -197,9 +188,18 @@ impl QueueCore {
         self.in_kernel += 1;
     }
 
-    /// Issues COMMIT_AND_FETCH for a tag whose phase is already DONE.
-    fn commit(&mut self, tag: u16, res: i32) {
+    /// Issues COMMIT_AND_FETCH for a tag whose phase is already DONE, once no
+    /// lease operation on its buffer is in flight (until then it waits).
+    pub(crate) fn commit(&mut self, tag: u16, res: i32) {
+        if self.leases.state[tag as usize].inflight > 0 {
+            self.leases.state[tag as usize].pending = Some(res);
+            return;
+        }
+        let res = self.lease_release(tag, res);
         let l = self.local[tag as usize];
+        if self.mode == DataMode::Copy && l.op == Op::Read && res > 0 {
+            self.shared.stats.copied(res as u64);
+        }
         self.shared.tags[tag as usize].store(l.seq << 2 | PHASE_KERNEL, Ordering::Release);
         self.shared.stats.completed(res, l.op.has_data());
         self.target_owned -= 1;
@@ -257,7 +257,16 @@ impl Queue {
         let entries = (s.depth as u32 * 2 + 8).next_power_of_two();
         let ring = new_ring(entries)?;
         let descs = DescArray::map(s.char_fd, s.q_id, s.depth)?;
-        let bufs = Arc::new(TagBuffers::new(s.depth, s.buf_bytes)?);
+        let bufs = Arc::new(if s.mode.has_tag_buffers() { TagBuffers::new(s.depth, s.buf_bytes)? } else { TagBuffers::none() });
+        let mut zero_fd = None;
+        if s.mode.is_zero_copy() {
+            // a slot per tag (index = tag) in the ring's buffer table
+            ring.submitter()
+                .register_buffers_sparse(s.depth as u32)
+                .map_err(|e| Error::from_io(e, format!("queue {}: cannot register the buffer table", s.q_id)))?;
+            let f = std::fs::File::open("/dev/zero").map_err(|e| Error::from_io(e, "cannot open /dev/zero"))?;
+            zero_fd = Some(OwnedFd::from(f));
+        }
         // SAFETY: eventfd has no memory preconditions.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if efd < 0 {
@@ -281,9 +290,13 @@ impl Queue {
             shared: shared.clone(),
             bufs,
             descs,
-            local: vec![TagLocal { seq: 0, op: Op::Read, off: 0, len: 0 }; s.depth as usize],
+            local: vec![TagLocal { seq: 0, op: Op::Read, flags: IoFlags(0), off: 0, len: 0 }; s.depth as usize],
             info,
             char_fd: s.char_fd,
+            mode: s.mode,
+            flags: s.flags,
+            leases: Leases::new(s.depth),
+            zero_fd,
             in_kernel: 0,
             target_owned: 0,
             backing_inflight: 0,
@@ -368,6 +381,16 @@ impl Queue {
                 let mut ctx = QueueCtx { core: &mut self.core };
                 self.target.backing_complete(&mut ctx, tag, data, res);
             }
+            KIND_LEASE => {
+                self.core.backing_inflight -= 1;
+                let idx = ((ud >> 16) & 0xffff_ffff) as u32;
+                if let Some((tag, data, res)) = self.core.lease_cqe(idx, res) {
+                    let mut ctx = QueueCtx { core: &mut self.core };
+                    self.target.lease_done(&mut ctx, tag, data, res);
+                    self.core.lease_settle(tag);
+                }
+            }
+            KIND_BUFCMD => self.core.buf_cmd_failed(tag, ((ud >> 16) & 0xffff_ffff) as u32, res),
             KIND_WAKE => {
                 self.core.wake_armed = false;
                 self.core.shared.wake_pending.store(false, Ordering::Release);
@@ -390,20 +413,18 @@ impl Queue {
         let op = Op::from_raw(d.op());
         let len = d.nr_sectors.saturating_mul(512);
         let seq = c.local[tag as usize].seq + 1;
-        c.local[tag as usize] = TagLocal { seq, op, off: d.start_sector << 9, len };
+        let flags = IoFlags(d.op_flags & !0xff);
+        c.local[tag as usize] = TagLocal { seq, op, flags, off: d.start_sector << 9, len };
+        c.leases.state[tag as usize].need_reg = d.op_flags & sys::UBLK_IO_F_NEED_REG_BUF != 0;
         c.shared.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
         c.shared.stats.started();
         c.target_owned += 1;
-        let req = Request {
-            tag,
-            q_id: c.info.queue_id,
-            op,
-            flags: IoFlags(d.op_flags & !0xff),
-            offset: d.start_sector << 9,
-            len,
-            buf: c.bufs.get(tag),
-            seq,
-        };
+        // Only copy mode has the data in memory; the other modes lease it.
+        let buf = if c.mode == DataMode::Copy { c.bufs.get(tag) } else { std::ptr::null_mut() };
+        if c.mode == DataMode::Copy && op == Op::Write {
+            c.shared.stats.copied(len as u64);
+        }
+        let req = Request { tag, q_id: c.info.queue_id, op, flags, offset: d.start_sector << 9, len, buf, seq };
         let io = Io { req, _marker: std::marker::PhantomData };
         let mut ctx = QueueCtx { core: c };
         self.target.handle_io(&mut ctx, io);

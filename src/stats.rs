@@ -1,4 +1,4 @@
-//! Per-queue counters, written by the queue thread, readable from anywhere.
+//! Per-queue counters, written by the queue thread only, readable from anywhere.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -8,6 +8,8 @@ pub(crate) struct QueueStats {
     bytes: AtomicU64,
     errors: AtomicU64,
     in_flight: AtomicU64,
+    copied: AtomicU64,
+    lease_ops: AtomicU64,
 }
 
 /// A snapshot of one queue's counters.
@@ -21,21 +23,41 @@ pub struct QueueStatsSnapshot {
     pub errors: u64,
     /// Requests handed to the target and not yet completed.
     pub in_flight: u64,
+    /// Request data bytes copied between the request and a server buffer
+    /// (by the kernel in copy mode, by pread/pwrite on `/dev/ublkcN` in
+    /// user-copy mode); zero-copy leases copy none.
+    pub copied_bytes: u64,
+    /// Lease operations submitted (continuations of short transfers not counted).
+    pub lease_ops: u64,
+}
+
+/// Adds to a counter that only the queue thread writes: a plain load and
+/// store, no read-modify-write on the hot path.
+fn add(c: &AtomicU64, v: u64) {
+    c.store(c.load(Relaxed).wrapping_add(v), Relaxed);
 }
 
 impl QueueStats {
     pub(crate) fn started(&self) {
-        self.in_flight.fetch_add(1, Relaxed);
+        add(&self.in_flight, 1);
     }
 
     pub(crate) fn completed(&self, res: i32, has_data: bool) {
-        self.in_flight.fetch_sub(1, Relaxed);
-        self.ios.fetch_add(1, Relaxed);
+        add(&self.in_flight, u64::MAX);
+        add(&self.ios, 1);
         if res < 0 {
-            self.errors.fetch_add(1, Relaxed);
+            add(&self.errors, 1);
         } else if has_data {
-            self.bytes.fetch_add(res as u64, Relaxed);
+            add(&self.bytes, res as u64);
         }
+    }
+
+    pub(crate) fn copied(&self, n: u64) {
+        add(&self.copied, n);
+    }
+
+    pub(crate) fn lease_op(&self) {
+        add(&self.lease_ops, 1);
     }
 
     pub(crate) fn snapshot(&self) -> QueueStatsSnapshot {
@@ -44,6 +66,8 @@ impl QueueStats {
             bytes: self.bytes.load(Relaxed),
             errors: self.errors.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
+            copied_bytes: self.copied.load(Relaxed),
+            lease_ops: self.lease_ops.load(Relaxed),
         }
     }
 }

@@ -312,6 +312,12 @@ pub struct ublk_params {
     pub integrity: ublk_param_integrity,
 }
 
+/// `sqe->addr` of a FETCH / COMMIT_AND_FETCH carrying `struct ublk_auto_buf_reg`
+/// (index, flags; the reserved bytes zero).
+pub const fn auto_buf_reg_addr(index: u16, flags: u8) -> u64 {
+    index as u64 | (flags as u64) << 16
+}
+
 /// Byte offset of the user-copy window of (queue, tag) on `/dev/ublkcN`.
 pub const fn user_copy_offset(q_id: u16, tag: u16) -> u64 {
     UBLKSRV_IO_BUF_OFFSET + ((q_id as u64) << UBLK_QID_OFF) + ((tag as u64) << UBLK_TAG_OFF)
@@ -429,6 +435,7 @@ mod tests {
     #[test]
     fn offsets() {
         assert_eq!(UBLK_QID_OFF, 41);
+        assert_eq!(auto_buf_reg_addr(0x1234, UBLK_AUTO_BUF_REG_FALLBACK), 0x1_1234);
         assert_eq!(user_copy_offset(1, 2), 0x8000_0000 + (1 << 41) + (2 << 25));
         assert_eq!(desc_queue_stride(4096), 98304);
         assert_eq!(desc_queue_stride(65536), 131072);

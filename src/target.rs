@@ -11,9 +11,12 @@ use std::sync::Arc;
 ///
 /// For each request the target either
 /// - completes it at once: `ctx.complete(io.tag(), result)`;
-/// - submits backing IO on the queue ring (`ctx.read_at`, `ctx.write_at`,
-///   `ctx.fsync`, `ctx.fallocate`, or `ctx.submit`) and completes the request
-///   from [`Target::backing_complete`];
+/// - lends the request's buffer to IO on files and sockets with
+///   `ctx.lease(tag)` ([`crate::Lease`]: zero copy where the kernel allows),
+///   which completes the request when the last operation is done;
+/// - submits other backing IO on the queue ring (`ctx.fsync`,
+///   `ctx.fallocate`, or `ctx.submit`) and completes the request from
+///   [`Target::backing_complete`];
 /// - or hands it off with `ctx.defer(io)`, getting a `Send` [`crate::Completion`]
 ///   that completes it later from any thread.
 ///
@@ -28,6 +31,15 @@ pub trait Target {
     fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
         let _ = data;
         let _ = ctx.complete(tag, res);
+    }
+
+    /// A lease operation ([`crate::Lease`]) submitted for `tag` with user
+    /// value `data` finished: `res` is its range's length, or a negative errno.
+    /// It may submit more lease operations or complete the request. The
+    /// default does nothing: once the last operation is over, the engine
+    /// completes the request with the total bytes or the first error.
+    fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
+        let _ = (ctx, tag, data, res);
     }
 }
 

@@ -8,18 +8,21 @@ use std::sync::Arc;
 use ublk::ctrl::{list_device_ids, Ctrl};
 use ublk::state::{StateFile, DEFAULT_STATE_DIR};
 use ublk::targets::{LoopBacking, LoopTarget, MemStore, MemTarget, NullTarget};
-use ublk::{Device, DeviceConfig, DiscardLimits, Error, QueueInfo, Target, TargetFactory};
+use ublk::{Device, DeviceConfig, DiscardLimits, Error, QueueInfo, Target, TargetFactory, ZeroCopy};
 
 const USAGE: &str = "\
 usage: ublk add null|mem|loop [--queues N] [--depth D] [--size S] [--file F] [--foreground]
                 [--max-io-size S] [--logical-block-size N] [--read-only] [--id N]
+                [--zero-copy auto|auto-buf-reg|register|user-copy|copy]
        ublk list
        ublk del ID|--all
        ublk features
 
 Sizes take K/M/G/T suffixes (powers of 1024). `add` prints `<id> <path>` once
 /dev/ublkbN exists; the server keeps running in the background unless
---foreground is given (then it serves until SIGINT/SIGTERM).";
+--foreground is given (then it serves until SIGINT/SIGTERM). --zero-copy
+chooses how data moves (default auto: the best the kernel offers; the mem
+target always copies); `list` shows the mode of each device.";
 
 /// Exit codes: 0 ok, 1 the operation failed, 2 bad arguments.
 enum Fail {
@@ -129,6 +132,7 @@ fn parse_add(args: &[String]) -> Result<AddArgs, Fail> {
             "--logical-block-size" => a.cfg.logical_block_size = parse_num(flag, &value()?)?,
             "--id" | "-n" => a.cfg.dev_id = Some(parse_num(flag, &value()?)?),
             "--read-only" => a.cfg.read_only = true,
+            "--zero-copy" | "-z" => a.cfg.zero_copy = value()?.parse().map_err(|e: Error| Fail::Usage(format!("--zero-copy: {}", e.message())))?,
             "--foreground" => a.foreground = true,
             _ => return Err(Fail::Usage(format!("add: unknown option `{flag}`"))),
         }
@@ -153,6 +157,11 @@ fn prepare(a: &mut AddArgs) -> Result<TargetFactory, Fail> {
             }
             a.cfg.size = a.size.unwrap_or(1 << 30);
             a.cfg.discard = Some(DiscardLimits::default());
+            // the store serves requests from memory: the data must be in a buffer
+            a.cfg.needs_buffer = true;
+            if !matches!(a.cfg.zero_copy, ZeroCopy::Auto | ZeroCopy::Copy) {
+                return Err(Fail::Usage(format!("--zero-copy {}: the mem target copies data in memory; only auto or copy", a.cfg.zero_copy)));
+            }
             a.cfg.validate().map_err(|e| Fail::Usage(e.to_string()))?;
             let store = MemStore::new(a.cfg.size).map_err(|e| Fail::Op(e.to_string()))?;
             Arc::new(move |_: &QueueInfo| Ok(Box::new(MemTarget::new(store.clone())) as Box<dyn Target>))
@@ -204,6 +213,7 @@ fn cmd_add(args: &[String]) -> Result<(), Fail> {
         println!("{} {}", dev.id(), dev.block_path().display());
         let _ = std::io::stdout().flush();
         dev.serve_until_signal()?;
+        log_stats(&dev);
         return dev.delete().map_err(Fail::from);
     }
     // Background: fork now, while single-threaded. The child creates and
@@ -270,6 +280,7 @@ fn serve_child(cfg: DeviceConfig, factory: TargetFactory, mut report: std::fs::F
     let _ = writeln!(report, "OK {} {}", dev.id(), dev.block_path().display());
     drop(report);
     let served = dev.serve_until_signal();
+    log_stats(&dev);
     let id = dev.id();
     match served.and(dev.delete()) {
         Ok(()) => 0,
@@ -278,6 +289,24 @@ fn serve_child(cfg: DeviceConfig, factory: TargetFactory, mut report: std::fs::F
             1
         }
     }
+}
+
+/// One line on stderr (the server log in the background) when a device stops:
+/// its data mode and counters summed over the queues.
+fn log_stats(dev: &Device) {
+    let (mut ios, mut bytes, mut errors, mut copied, mut leases) = (0, 0, 0, 0, 0);
+    for s in dev.stats() {
+        ios += s.ios;
+        bytes += s.bytes;
+        errors += s.errors;
+        copied += s.copied_bytes;
+        leases += s.lease_ops;
+    }
+    eprintln!(
+        "ublk: device {} stopped: mode={} ios={ios} bytes={bytes} errors={errors} copied_bytes={copied} lease_ops={leases}",
+        dev.id(),
+        dev.data_mode()
+    );
 }
 
 fn state_name(s: u16) -> &'static str {

@@ -3,7 +3,7 @@
 use super::io::{FfiQueue, FfiTarget};
 use super::{guard, guard_or, null_err, opt_str};
 use crate::error::Error;
-use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, StopHandle, Target, TargetFactory};
+use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, StopHandle, Target, TargetFactory, ZeroCopy};
 use parking_lot::Mutex;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::Arc;
@@ -44,8 +44,18 @@ pub struct ublk_dev_config {
     pub max_write_zeroes_sectors: u32,
     /// Bound on every wait for the kernel, in milliseconds. Default 30000.
     pub timeout_ms: u32,
-    /// Extra `UBLK_F_*` bits to request; refused (-EOPNOTSUPP) if the kernel lacks them.
+    /// Extra `UBLK_F_*` bits to request; refused (-EOPNOTSUPP) if the kernel
+    /// lacks them. The data-mode bits (ZERO_COPY, USER_COPY, AUTO_BUF_REG,
+    /// NEED_GET_DATA) are refused (-EINVAL): use `data_mode`.
     pub flags: u64,
+    /// UBLK_DATA_AUTO (default), _AUTO_BUF_REG, _REGISTER, _USER_COPY or _COPY.
+    /// A mode the kernel lacks fails `ublk_dev_new` with -EOPNOTSUPP.
+    pub data_mode: u32,
+    /// Non-zero: `handle_io` reads or writes the data through `ublk_io_buf()`,
+    /// which only UBLK_DATA_COPY provides: AUTO then picks COPY and the
+    /// other modes are refused (-EINVAL). Zero (default): the target moves
+    /// data with the `ublk_io_lease_*` operations (or not at all).
+    pub needs_buffer: u8,
     /// Target name recorded in the state file (`ublk list`); NULL = "custom".
     /// Borrowed: read during `ublk_dev_new` only.
     pub target_name: *const c_char,
@@ -81,6 +91,8 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
             max_write_zeroes_sectors: l.max_write_zeroes_sectors,
             timeout_ms: d.timeout.as_millis() as u32,
             flags: 0,
+            data_mode: super::UBLK_DATA_AUTO,
+            needs_buffer: 0,
             target_name: std::ptr::null(),
             state_dir: std::ptr::null(),
             reserved: [0; 8],
@@ -117,6 +129,15 @@ fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
             max_write_zeroes_sectors: c.max_write_zeroes_sectors,
         }),
         flags: c.flags,
+        zero_copy: match c.data_mode {
+            super::UBLK_DATA_AUTO => ZeroCopy::Auto,
+            super::UBLK_DATA_AUTO_BUF_REG => ZeroCopy::AutoBufReg,
+            super::UBLK_DATA_REGISTER => ZeroCopy::Register,
+            super::UBLK_DATA_USER_COPY => ZeroCopy::UserCopy,
+            super::UBLK_DATA_COPY => ZeroCopy::Copy,
+            m => return Err(Error::inval(format!("data_mode {m} is not a UBLK_DATA_* value"))),
+        },
+        needs_buffer: c.needs_buffer != 0,
         timeout: Duration::from_millis(c.timeout_ms as u64),
         ..Default::default()
     };
@@ -136,8 +157,9 @@ fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
 #[derive(Debug, Clone, Copy)]
 pub struct ublk_target_ops {
     /// Required. One request arrived. Complete it with `ublk_io_complete()`,
-    /// now or later from any thread, or start backing IO on it with
-    /// `ublk_io_read_at()` & co. `io` stays valid until it is completed.
+    /// now or later from any thread, or lend its buffer to IO on files and
+    /// sockets with `ublk_io_lease_read()` & co (it then completes when the
+    /// last lease operation is over). `io` stays valid until it is completed.
     pub handle_io: Option<unsafe extern "C" fn(user: *mut c_void, io: *mut ublk_io)>,
     /// Optional. Called on each queue's thread before it serves; may store a
     /// per-queue pointer in `*queue_data` (read back with `ublk_io_queue_data`).
@@ -157,7 +179,7 @@ pub struct ublk_dev_info {
     pub nr_queues: u16,
     pub queue_depth: u16,
     pub max_io_bytes: u32,
-    /// UBLK_DATA_COPY, UBLK_DATA_USER_COPY, UBLK_DATA_ZERO_COPY or UBLK_DATA_AUTO_BUF_REG.
+    /// The mode the device runs in: UBLK_DATA_AUTO_BUF_REG, _REGISTER, _USER_COPY or _COPY.
     pub data_mode: u32,
     /// `UBLK_F_*` bits the device negotiated with the kernel.
     pub flags: u64,
@@ -176,6 +198,11 @@ pub struct ublk_queue_stats {
     pub errors: u64,
     /// Requests handed to the target and not completed yet.
     pub in_flight: u64,
+    /// Request data bytes copied between a request and a server buffer (copy
+    /// and user-copy modes); zero-copy leases copy none.
+    pub copied_bytes: u64,
+    /// Lease operations submitted.
+    pub lease_ops: u64,
 }
 
 /// What the queues of a device share with the C side.
@@ -236,12 +263,7 @@ pub extern "C" fn ublk_dev_new(cfg: *const ublk_dev_config, ops: *const ublk_tar
             nr_queues: i.nr_hw_queues,
             queue_depth: i.queue_depth,
             max_io_bytes: i.max_io_buf_bytes,
-            data_mode: match dev.data_mode() {
-                "copy" => super::UBLK_DATA_COPY,
-                "user-copy" => super::UBLK_DATA_USER_COPY,
-                "register" => super::UBLK_DATA_ZERO_COPY,
-                _ => super::UBLK_DATA_AUTO_BUF_REG,
-            },
+            data_mode: super::data_mode_const(dev.data_mode()),
             flags: i.flags,
             size,
         };
@@ -394,7 +416,14 @@ pub extern "C" fn ublk_dev_queue_stats(dev: *const ublk_dev, queue_id: u16, out:
         let q = d.shared.queues.get(queue_id as usize).ok_or_else(|| Error::inval(format!("no queue {queue_id}")))?;
         let s = q.stats().ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
         // SAFETY: out is non-null and points to a ublk_queue_stats.
-        unsafe { out.write(ublk_queue_stats { ios: s.ios, bytes: s.bytes, errors: s.errors, in_flight: s.in_flight }) };
+        unsafe { out.write(ublk_queue_stats {
+                ios: s.ios,
+                bytes: s.bytes,
+                errors: s.errors,
+                in_flight: s.in_flight,
+                copied_bytes: s.copied_bytes,
+                lease_ops: s.lease_ops,
+            }) };
         Ok(0)
     })
 }

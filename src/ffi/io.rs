@@ -51,6 +51,39 @@ struct Pending {
     io: *mut ublk_io,
 }
 
+/// Callbacks of the backing and lease operations in flight on a queue, by slot.
+#[derive(Default)]
+struct PendingSlab {
+    slots: Vec<Option<Pending>>,
+    free: Vec<u32>,
+}
+
+/// `data` of a lease operation submitted without a callback.
+const NO_CB: u32 = u32::MAX;
+
+impl PendingSlab {
+    fn insert(&mut self, p: Pending) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(p);
+                i
+            }
+            None => {
+                self.slots.push(Some(p));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn take(&mut self, i: u32) -> Option<Pending> {
+        let p = self.slots.get_mut(i as usize).and_then(Option::take);
+        if p.is_some() {
+            self.free.push(i);
+        }
+        p
+    }
+}
+
 /// Per-queue state shared by the queue thread and the C side.
 pub(crate) struct FfiQueue {
     q_id: u16,
@@ -58,7 +91,7 @@ pub(crate) struct FfiQueue {
     shared: OnceCell<Arc<QueueShared>>,
     data: AtomicPtr<c_void>,
     ios: OnceCell<Box<[ublk_io]>>,
-    pending: Mutex<Vec<Option<Pending>>>,
+    pending: Mutex<PendingSlab>,
 }
 
 // SAFETY: the raw pointers in `pending` are only used on the queue thread.
@@ -73,7 +106,7 @@ impl FfiQueue {
             shared: OnceCell::new(),
             data: AtomicPtr::new(std::ptr::null_mut()),
             ios: OnceCell::new(),
-            pending: Mutex::new(Vec::new()),
+            pending: Mutex::new(PendingSlab::default()),
         }
     }
 
@@ -169,7 +202,7 @@ impl Target for FfiTarget {
     }
 
     fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
-        let p = self.q.pending.lock().get_mut(data as usize).and_then(Option::take);
+        let p = self.q.pending.lock().take(data);
         match p {
             Some(Pending { cb: Some(cb), user, io }) => {
                 // SAFETY: a C callback with the documented arguments.
@@ -178,6 +211,16 @@ impl Target for FfiTarget {
             _ => {
                 let _ = ctx.complete(tag, if res < 0 { res } else { -libc::EIO });
             }
+        }
+    }
+
+    fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, _tag: u16, data: u32, res: i32) {
+        if data == NO_CB {
+            return;
+        }
+        if let Some(Pending { cb: Some(cb), user, io }) = self.q.pending.lock().take(data) {
+            // SAFETY: a C callback with the documented arguments.
+            with_ctx(ctx, &self.q, || unsafe { cb(user, io, res) });
         }
     }
 }
@@ -269,7 +312,9 @@ pub extern "C" fn ublk_io_tag(io: *const ublk_io) -> u16 {
 
 /// The request's data buffer (`ublk_io_len` bytes: fill it for READ, read it
 /// for WRITE), owned by the engine and valid until the request is completed;
-/// NULL for requests without data.
+/// NULL for requests without data, and in every data mode but
+/// UBLK_DATA_COPY (set `ublk_dev_config.needs_buffer` to get copy mode; the
+/// other modes move data with the `ublk_io_lease_*` operations).
 #[no_mangle]
 pub extern "C" fn ublk_io_buf(io: *mut ublk_io) -> *mut c_void {
     guard_or(std::ptr::null_mut(), || {
@@ -284,78 +329,117 @@ pub extern "C" fn ublk_io_queue_data(io: *const ublk_io) -> *mut c_void {
     guard_or(std::ptr::null_mut(), || io_ref(io).ok().map(|i| i.queue().data.load(Ordering::Acquire)))
 }
 
-/// Submits backing IO for `io` on its queue's ring. Only from a callback
-/// running on that queue's thread (else -EXDEV).
-fn submit_backing(
+/// Submits an operation for `io` on its queue's ring. Only from a callback
+/// running on that queue's thread (else -EXDEV). `cb` NULL is allowed when
+/// `optional_cb` (lease operations: the request then completes in aggregate).
+fn submit_op(
     io: *mut ublk_io,
     cb: ublk_backing_cb,
     user: *mut c_void,
+    optional_cb: bool,
     f: impl FnOnce(&mut QueueCtx<'static>, u16, u32) -> crate::Result<()>,
 ) -> c_int {
     guard(|| {
         let r = io_ref(io)?;
-        if cb.is_none() {
+        if cb.is_none() && !optional_cb {
             return Err(null_err("cb"));
         }
         let ctx = current_ctx(r.queue())
-            .ok_or_else(|| Error::new(libc::EXDEV, "backing IO must be submitted from a callback on the request's queue thread"))?;
+            .ok_or_else(|| Error::new(libc::EXDEV, "IO on the queue ring must be submitted from a callback on the request's queue thread"))?;
         let tag = req_of(r).tag;
-        let idx = {
-            let mut p = r.queue().pending.lock();
-            let slot = Some(Pending { cb, user, io });
-            match p.iter().position(Option::is_none) {
-                Some(i) => {
-                    p[i] = slot;
-                    i
-                }
-                None => {
-                    p.push(slot);
-                    p.len() - 1
-                }
+        let idx = if cb.is_some() { r.queue().pending.lock().insert(Pending { cb, user, io }) } else { NO_CB };
+        if let Err(e) = f(ctx, tag, idx) {
+            if idx != NO_CB {
+                r.queue().pending.lock().take(idx);
             }
-        };
-        if let Err(e) = f(ctx, tag, idx as u32) {
-            r.queue().pending.lock()[idx] = None;
             return Err(e);
         }
         Ok(0)
     })
 }
 
-/// Reads `len` bytes at `file_off` of `fd` into the request buffer at
-/// `buf_off`, on the queue's io_uring; `cb(cb_user, io, res)` runs on the queue
-/// thread when done (it may complete `io` or submit more). Only from a
-/// callback on the request's queue thread (-EXDEV otherwise). -EINVAL if the
-/// range is outside the request. `fd` must stay open until `cb` runs.
-#[no_mangle]
-pub extern "C" fn ublk_io_read_at(io: *mut ublk_io, fd: c_int, file_off: u64, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
-    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.read_at(tag, fd, file_off, buf_off, len, d))
-}
-
-/// Writes `len` bytes of the request buffer at `buf_off` to `fd` at `file_off`
-/// (`rw_flags`: RWF_* such as RWF_DSYNC for FUA). As `ublk_io_read_at`.
-#[no_mangle]
-pub extern "C" fn ublk_io_write_at(
+fn submit_backing(
     io: *mut ublk_io,
-    fd: c_int,
-    file_off: u64,
-    buf_off: u32,
-    len: u32,
-    rw_flags: c_int,
     cb: ublk_backing_cb,
-    cb_user: *mut c_void,
+    user: *mut c_void,
+    f: impl FnOnce(&mut QueueCtx<'static>, u16, u32) -> crate::Result<()>,
 ) -> c_int {
-    submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.write_at(tag, fd, file_off, buf_off, len, rw_flags, d))
+    submit_op(io, cb, user, false, f)
 }
 
-/// fsync (`datasync` = 0) or fdatasync (non-zero) of `fd`. As `ublk_io_read_at`.
+fn range(buf_off: u32, len: u32) -> std::ops::Range<u32> {
+    buf_off..buf_off.saturating_add(len)
+}
+
+/// Lease: fills `len` bytes of a READ request's buffer at `buf_off` from `fd`
+/// at `file_off`, on the queue's io_uring, zero copy where the data mode
+/// allows. A read that ends early (end of file) leaves zeroes in the rest of
+/// the range. When `cb` is not NULL, `cb(cb_user, io, res)` runs on the queue
+/// thread when the operation is over (`res`: `len`, or a negative errno); it
+/// may submit more operations or complete `io`. When the last lease operation
+/// of the request is over and the request was not completed, the engine
+/// completes it with the total bytes or the first error (see
+/// `ublk_io_lease_manual`). Errors: -EPERM (not a READ request: its buffer is
+/// a source only), -EINVAL (range empty or outside the request), -EALREADY
+/// (request already completed), -EXDEV (not on the request's queue thread),
+/// -EBADF (fd < 0). `fd` must stay open until the operation is over.
+#[no_mangle]
+pub extern "C" fn ublk_io_lease_read(io: *mut ublk_io, fd: c_int, file_off: u64, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).read_into(fd, file_off, range(buf_off, len), d))
+}
+
+/// Lease: writes `len` bytes of a WRITE request's buffer at `buf_off` to `fd`
+/// at `file_off` (RWF_DSYNC when the request has UBLK_FLAG_FUA). As
+/// `ublk_io_lease_read`; -EPERM when the request is not a WRITE (a READ
+/// request's buffer is a destination only).
+#[no_mangle]
+pub extern "C" fn ublk_io_lease_write(io: *mut ublk_io, fd: c_int, file_off: u64, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).write_from(fd, file_off, range(buf_off, len), d))
+}
+
+/// Lease: sends `len` bytes of a WRITE request's buffer at `buf_off` on the
+/// stream socket `sock` (all of them: short sends are continued). In zero-copy
+/// modes this is a write on the socket, which raises SIGPIPE when the peer has
+/// closed unless SIGPIPE is ignored. As `ublk_io_lease_write`.
+#[no_mangle]
+pub extern "C" fn ublk_io_lease_send(io: *mut ublk_io, sock: c_int, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).send(sock, range(buf_off, len), d))
+}
+
+/// Lease: receives exactly `len` bytes from the stream socket `sock` into a
+/// READ request's buffer at `buf_off`; the peer closing first fails the
+/// operation with -ECONNRESET. As `ublk_io_lease_read`.
+#[no_mangle]
+pub extern "C" fn ublk_io_lease_recv(io: *mut ublk_io, sock: c_int, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
+    submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).recv(sock, range(buf_off, len), d))
+}
+
+/// The target completes `io` itself with `ublk_io_complete` (e.g. after
+/// retrying a failed lease operation) instead of the aggregate completion.
+/// The completion is still held back until every lease operation on the
+/// request is over. Only on the request's queue thread (else -EXDEV);
+/// -EALREADY once the request is completed.
+#[no_mangle]
+pub extern "C" fn ublk_io_lease_manual(io: *mut ublk_io) -> c_int {
+    guard(|| {
+        let r = io_ref(io)?;
+        let ctx = current_ctx(r.queue()).ok_or_else(|| Error::new(libc::EXDEV, "only on the request's queue thread"))?;
+        ctx.lease(req_of(r).tag).complete_manually()?;
+        Ok(0)
+    })
+}
+
+/// fsync (`datasync` = 0) or fdatasync (non-zero) of `fd` on the queue's
+/// io_uring; `cb(cb_user, io, res)` (required) runs on the queue thread when
+/// done and completes `io` (or submits more). Only from a callback on the
+/// request's queue thread (-EXDEV otherwise). `fd` must stay open until `cb` runs.
 #[no_mangle]
 pub extern "C" fn ublk_io_fsync(io: *mut ublk_io, fd: c_int, datasync: c_int, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
     submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.fsync(tag, fd, datasync != 0, d))
 }
 
 /// fallocate(fd, mode, off, len) (e.g. FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE
-/// for DISCARD). As `ublk_io_read_at`.
+/// for DISCARD). As `ublk_io_fsync`.
 #[no_mangle]
 pub extern "C" fn ublk_io_fallocate(io: *mut ublk_io, fd: c_int, mode: c_int, off: u64, len: u64, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
     submit_backing(io, cb, cb_user, |ctx, tag, d| ctx.fallocate(tag, fd, mode, off, len, d))

@@ -35,11 +35,43 @@ pub const UBLK_OP_WRITE_ZEROES: c_int = 5;
 pub const UBLK_FLAG_FUA: u32 = 8192;
 /// `ublk_io_flags()` bit: WRITE_ZEROES must not deallocate (UBLK_IO_F_NOUNMAP).
 pub const UBLK_FLAG_NOUNMAP: u32 = 32768;
-/// `ublk_dev_info.data_mode` values.
-pub const UBLK_DATA_COPY: u32 = 0;
-pub const UBLK_DATA_USER_COPY: u32 = 1;
-pub const UBLK_DATA_ZERO_COPY: u32 = 2;
-pub const UBLK_DATA_AUTO_BUF_REG: u32 = 3;
+/// Data modes: `ublk_dev_config.data_mode` (what to ask for) and
+/// `ublk_dev_info.data_mode` (what the device runs in, never AUTO).
+/// AUTO: the best the kernel offers (AUTO_BUF_REG, then REGISTER, then
+/// USER_COPY, then COPY; COPY when `needs_buffer` is set).
+pub const UBLK_DATA_AUTO: u32 = 0;
+/// Zero copy: the kernel registers each request's buffer on the queue ring.
+pub const UBLK_DATA_AUTO_BUF_REG: u32 = 1;
+/// Zero copy: the engine registers a request's buffer when it is first leased.
+pub const UBLK_DATA_REGISTER: u32 = 2;
+/// Data moves by pread/pwrite on /dev/ublkcN (through a per-request bounce buffer).
+pub const UBLK_DATA_USER_COPY: u32 = 3;
+/// The kernel copies data into / out of a per-request buffer (`ublk_io_buf`).
+pub const UBLK_DATA_COPY: u32 = 4;
+
+/// Name of a UBLK_DATA_* value ("auto", "auto-buf-reg", "register",
+/// "user-copy", "copy"; "unknown" otherwise): a static string. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_data_mode_name(mode: u32) -> *const c_char {
+    let s: &'static CStr = match mode {
+        UBLK_DATA_AUTO => c"auto",
+        UBLK_DATA_AUTO_BUF_REG => c"auto-buf-reg",
+        UBLK_DATA_REGISTER => c"register",
+        UBLK_DATA_USER_COPY => c"user-copy",
+        UBLK_DATA_COPY => c"copy",
+        _ => c"unknown",
+    };
+    s.as_ptr()
+}
+
+pub(crate) fn data_mode_const(m: crate::DataMode) -> u32 {
+    match m {
+        crate::DataMode::AutoBufReg => UBLK_DATA_AUTO_BUF_REG,
+        crate::DataMode::Register => UBLK_DATA_REGISTER,
+        crate::DataMode::UserCopy => UBLK_DATA_USER_COPY,
+        crate::DataMode::Copy => UBLK_DATA_COPY,
+    }
+}
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());

@@ -115,11 +115,11 @@ impl Target for LoopTarget {
     fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>) {
         let (fd, tag, off, len) = (self.b.fd(), io.tag(), io.offset(), io.len());
         let r = match io.op() {
-            Op::Read => ctx.read_at(tag, fd, off, 0, len, 0),
-            Op::Write => {
-                let flags = if io.flags().fua() { libc::RWF_DSYNC } else { 0 };
-                ctx.write_at(tag, fd, off, 0, len, flags, 0)
-            }
+            // the request's buffer is lent to the file IO: zero copy where
+            // the kernel allows; FUA becomes RWF_DSYNC, a short read zeroes
+            // the rest, the request completes when the IO is done
+            Op::Read => ctx.lease(tag).read_into(fd, off, 0..len, 0),
+            Op::Write => ctx.lease(tag).write_from(fd, off, 0..len, 0),
             Op::Flush => ctx.fsync(tag, fd, true, 0),
             Op::Discard => ctx.fallocate(tag, fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, len as u64, 0),
             Op::WriteZeroes if self.b.zero_range.load(Ordering::Relaxed) => {

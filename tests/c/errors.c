@@ -65,6 +65,12 @@ static void host_checks(void)
     cfg.dev_id = -5;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.dev_id = -1;
+    cfg.data_mode = 9;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.data_mode = UBLK_DATA_AUTO;
+    cfg.flags = 1ULL << 7; /* UBLK_F_USER_COPY: chosen with data_mode, not flags */
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.flags = 0;
     cfg.reserved[3] = 1;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.reserved[3] = 0;
@@ -87,7 +93,12 @@ static void host_checks(void)
     EXPECT(ublk_io_op(NULL), -EINVAL);
     EXPECT(ublk_io_len(NULL), 0);
     CHECK(ublk_io_buf(NULL) == NULL, "buf of NULL");
-    EXPECT(ublk_io_read_at(NULL, 0, 0, 0, 0, NULL, NULL), -EINVAL);
+    EXPECT(ublk_io_lease_read(NULL, 0, 0, 0, 512, NULL, NULL), -EINVAL);
+    EXPECT(ublk_io_lease_write((ublk_io *)junk, 0, 0, 0, 512, NULL, NULL), -EINVAL);
+    EXPECT(ublk_io_lease_manual(NULL), -EINVAL);
+    EXPECT(ublk_io_fsync(NULL, 0, 0, NULL, NULL), -EINVAL);
+    CHECK(strcmp(ublk_data_mode_name(UBLK_DATA_AUTO_BUF_REG), "auto-buf-reg") == 0, "mode name");
+    CHECK(strcmp(ublk_data_mode_name(77), "unknown") == 0, "unknown mode name");
 
     CHECK(strstr(ublk_strerror(-EINVAL), "EINVAL") != NULL, "strerror: %s", ublk_strerror(-EINVAL));
     CHECK(strstr(ublk_strerror(-ENOTRECOVERABLE), "panic") != NULL, "strerror panic");
@@ -97,10 +108,12 @@ static void host_checks(void)
 
 /* ---- kernel part ---------------------------------------------------------- */
 
-enum mode { M_DOUBLE, M_OVERSIZE, M_HOLD, M_OK };
+enum mode { M_DOUBLE, M_OVERSIZE, M_HOLD, M_LEASE, M_OK };
 struct state {
     enum mode mode;
     int r1, r2, backing;
+    int zero_fd;             /* /dev/zero: what M_LEASE reads */
+    int l_dir, l_range, l_empty, l_badfd, l_ok; /* M_LEASE results */
     ublk_io *held;
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -113,7 +126,7 @@ static void *foreign_backing(void *arg)
 {
     struct state *s = arg;
     char msg[256];
-    s->backing = ublk_io_read_at(s->held, 0, 0, 0, 512, backing_done, NULL);
+    s->backing = ublk_io_fsync(s->held, 0, 0, backing_done, NULL);
     if (s->backing != -EXDEV && ublk_last_error_message(msg, sizeof(msg)) > 0)
         printf("foreign backing IO: %s\n", msg);
     return NULL;
@@ -141,6 +154,20 @@ static void k_handle(void *user, ublk_io *io)
     case M_HOLD: /* keep it; the test thread completes it */
         s->held = io;
         break;
+    case M_LEASE: /* direction and range violations, then a good lease */
+        if (ublk_io_op(io) == UBLK_OP_READ) {
+            s->l_dir = ublk_io_lease_write(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
+            s->l_ok = ublk_io_lease_read(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
+        } else {
+            s->l_dir = ublk_io_lease_read(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
+            s->l_ok = ublk_io_complete(io, len);
+        }
+        s->l_range = ublk_io_lease_read(io, s->zero_fd, 0, (uint32_t)len - 96, 200, NULL, NULL);
+        s->l_empty = ublk_io_lease_read(io, s->zero_fd, 0, 0, 0, NULL, NULL);
+        s->l_badfd = ublk_io_lease_send(io, -1, 0, 512, NULL, NULL);
+        /* completing while the lease is in flight waits for it */
+        s->r1 = ublk_io_complete(io, len);
+        break;
     case M_OK:
         ublk_io_complete(io, len);
         return;
@@ -151,18 +178,33 @@ static void k_handle(void *user, ublk_io *io)
     pthread_mutex_unlock(&s->lock);
 }
 
-struct reader { const char *path; ssize_t res; int err; };
+struct reader { const char *path; ssize_t res; int err; int write; int check_zero; };
 
 static void *do_read(void *arg)
 {
     struct reader *r = arg;
     void *buf = NULL;
     int fd = open(r->path, O_RDONLY | O_DIRECT);
+    if (r->write) {
+        if (fd >= 0)
+            close(fd);
+        fd = open(r->path, O_WRONLY | O_DIRECT);
+    }
     if (fd < 0 || posix_memalign(&buf, 4096, 4096)) {
         r->res = -1;
         r->err = errno;
+    } else if (r->write) {
+        memset(buf, 0x5a, 4096);
+        r->res = pwrite(fd, buf, 4096, PROBE_OFF);
+        r->err = r->res < 0 ? errno : 0;
     } else {
+        memset(buf, 0xa5, 4096);
         r->res = pread(fd, buf, 4096, PROBE_OFF);
+        for (int i = 0; r->check_zero && r->res == 4096 && i < 4096; i++)
+            if (((unsigned char *)buf)[i] != 0) {
+                r->res = -2; /* M_LEASE reads /dev/zero: anything else is wrong */
+                break;
+            }
         r->err = r->res < 0 ? errno : 0;
     }
     if (fd >= 0)
@@ -206,8 +248,36 @@ static void kernel_checks(void)
     EXPECT(ublk_dev_start(dev), 0);
     EXPECT(ublk_dev_start(dev), -EALREADY);
     EXPECT(ublk_dev_get_info(dev, &info), 0);
-    CHECK(info.queue_depth == 4 && info.size == 16 << 20 && info.data_mode == UBLK_DATA_COPY, "info");
+    CHECK(info.queue_depth == 4 && info.size == 16 << 20 && info.data_mode != UBLK_DATA_AUTO, "info");
+    printf("data mode: %s\n", ublk_data_mode_name(info.data_mode));
     rd.path = ublk_dev_path(dev);
+    rd.write = 0;
+    s.zero_fd = open("/dev/zero", O_RDONLY);
+    CHECK(s.zero_fd >= 0, "open /dev/zero");
+
+    s.mode = M_LEASE;
+    rd.check_zero = 1;
+    pthread_create(&t, NULL, do_read, &rd);
+    wait_got(&s);
+    pthread_join(t, NULL);
+    EXPECT(s.l_dir, -EPERM);   /* a READ request's buffer is a destination only */
+    EXPECT(s.l_ok, 0);
+    EXPECT(s.l_range, -EINVAL);
+    EXPECT(s.l_empty, -EINVAL);
+    EXPECT(s.l_badfd, -EPERM); /* send is a source: direction is checked first */
+    EXPECT(s.r1, 0);
+    EXPECT(rd.res, 4096);      /* and the data is /dev/zero's */
+    rd.write = 1;
+    pthread_create(&t, NULL, do_read, &rd);
+    wait_got(&s);
+    pthread_join(t, NULL);
+    EXPECT(s.l_dir, -EPERM);   /* a WRITE request's buffer is a source only */
+    EXPECT(s.l_ok, 0);
+    EXPECT(s.r1, -EALREADY);
+    EXPECT(s.l_range, -EALREADY);
+    EXPECT(rd.res, 4096);
+    rd.write = 0;
+    rd.check_zero = 0;
 
     s.mode = M_DOUBLE;
     pthread_create(&t, NULL, do_read, &rd);
@@ -250,6 +320,7 @@ static void kernel_checks(void)
     EXPECT(ublk_io_complete(s.held, 4096), -ESHUTDOWN); /* use after stop */
     EXPECT(ublk_dev_start(dev), -EALREADY);
     ublk_dev_free(dev);
+    close(s.zero_fd);
 }
 
 int main(void)
