@@ -75,6 +75,8 @@ pub(crate) struct QueueCore {
     pub(crate) local: Vec<TagLocal>,
     pub(crate) info: QueueInfo,
     pub(crate) char_fd: RawFd,
+    /// `char_fd` is the ring's fixed file 0 (saves a file lookup per command).
+    char_fixed: bool,
     pub(crate) mode: DataMode,
     pub(crate) flags: u64,
     pub(crate) leases: Leases,
@@ -167,6 +169,15 @@ impl QueueCore {
         }
     }
 
+    /// A uring_cmd on `/dev/ublkcN` (the ring's fixed file 0 when registered).
+    pub(crate) fn char_cmd(&self, op: u32, raw: [u8; 16]) -> opcode::UringCmd16 {
+        if self.char_fixed {
+            opcode::UringCmd16::new(types::Fixed(0), op).cmd(raw)
+        } else {
+            opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(raw)
+        }
+    }
+
     fn io_cmd(&mut self, op: u32, tag: u16, result: i32) {
         // copy mode: the kernel copies into / out of the tag's buffer; the
         // other modes pass no buffer (auto-buf-reg: the table index in sqe->addr)
@@ -175,7 +186,7 @@ impl QueueCore {
         let mut raw = [0u8; 16];
         // SAFETY: ublksrv_io_cmd is 16 bytes of plain data.
         unsafe { std::ptr::write_unaligned(raw.as_mut_ptr() as *mut sys::ublksrv_io_cmd, cmd) };
-        let mut c = opcode::UringCmd16::new(types::Fd(self.char_fd), op).cmd(raw);
+        let mut c = self.char_cmd(op, raw);
         if self.mode == DataMode::AutoBufReg {
             c = c.addr(Some(sys::auto_buf_reg_addr(tag, sys::UBLK_AUTO_BUF_REG_FALLBACK)));
         }
@@ -256,6 +267,7 @@ impl Queue {
         set_affinity(&s.affinity);
         let entries = (s.depth as u32 * 2 + 8).next_power_of_two();
         let ring = new_ring(entries)?;
+        let char_fixed = ring.submitter().register_files(&[s.char_fd]).is_ok();
         let descs = DescArray::map(s.char_fd, s.q_id, s.depth)?;
         let bufs = Arc::new(if s.mode.has_tag_buffers() { TagBuffers::new(s.depth, s.buf_bytes)? } else { TagBuffers::none() });
         let mut zero_fd = None;
@@ -293,6 +305,7 @@ impl Queue {
             local: vec![TagLocal { seq: 0, op: Op::Read, flags: IoFlags(0), off: 0, len: 0 }; s.depth as usize],
             info,
             char_fd: s.char_fd,
+            char_fixed,
             mode: s.mode,
             flags: s.flags,
             leases: Leases::new(s.depth),

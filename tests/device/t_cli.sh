@@ -47,25 +47,32 @@ fi
 hdr=$(run_with_timeout 30 "$UBLK" list | head -n1 | tr -s ' ' | sed 's/ $//')
 if [[ $hdr == "ID PATH TARGET SIZE QUEUES DEPTH MODE STATE PID" ]]; then pass list-header; else fail list-header "header is '$hdr'"; fi
 
+# the mode `auto` resolves to: the best the kernel offers (mem always copies)
+AUTO=copy
+for f in USER_COPY:user-copy ZERO_COPY:register AUTO_BUF_REG:auto-buf-reg; do
+    grep -qx "${f%%:*}" <<<"${names:-}" && AUTO=${f#*:}
+done
+log "auto data mode on this kernel: $AUTO"
+
 truncate -s 48M "$T_WORK/backing.img"
 declare -A WANT
 ids=()
 pids=()
 if must_add add-mem mem --queues 2 --depth 32 --size 64M; then
-    ids+=("$DEV_ID"); WANT[$DEV_ID]="mem 64M $Q2 32"
+    ids+=("$DEV_ID"); WANT[$DEV_ID]="mem 64M $Q2 32 copy"
 fi
 if must_add add-loop loop --queues 1 --depth 16 --file "$T_WORK/backing.img"; then
-    ids+=("$DEV_ID"); WANT[$DEV_ID]="loop 48M 1 16"
+    ids+=("$DEV_ID"); WANT[$DEV_ID]="loop 48M 1 16 $AUTO"
 fi
 if must_add add-null null --queues 2 --depth 64; then
-    ids+=("$DEV_ID"); WANT[$DEV_ID]="null 1G $Q2 64"
+    ids+=("$DEV_ID"); WANT[$DEV_ID]="null 1G $Q2 64 $AUTO"
 fi
 for id in "${ids[@]}"; do
     row=$(list_row "$id")
     read -r r_id r_path r_target r_size r_q r_d r_mode r_state r_pid <<<"$row"
-    read -r w_target w_size w_q w_d <<<"${WANT[$id]}"
+    read -r w_target w_size w_q w_d w_mode <<<"${WANT[$id]}"
     got="$r_path $r_target $r_size $r_q $r_d $r_mode $r_state"
-    want="/dev/ublkb$id $w_target $w_size $w_q $w_d copy LIVE"
+    want="/dev/ublkb$id $w_target $w_size $w_q $w_d $w_mode LIVE"
     if [[ $got == "$want" ]] && pid_alive "$r_pid" && [[ $(cat "/proc/$r_pid/comm" 2>/dev/null) == ublk ]]; then
         pass "list-$w_target: $row"
         pids+=("$r_pid")
