@@ -479,9 +479,9 @@ int ublk_io_lease_write(struct ublk_io *io,
 
 /**
  * Lease: sends `len` bytes of a WRITE request's buffer at `buf_off` on the
- * stream socket `sock` (all of them: short sends are continued). In zero-copy
- * modes this is a write on the socket, which raises SIGPIPE when the peer has
- * closed unless SIGPIPE is ignored. As `ublk_io_lease_write`.
+ * stream socket `sock` (all of them: short sends are continued); a closed
+ * peer fails it with -EPIPE (queue threads block SIGPIPE, so it never kills
+ * the server). As `ublk_io_lease_write`.
  */
 int ublk_io_lease_send(struct ublk_io *io,
                        int sock,

@@ -419,6 +419,7 @@ impl Device {
                     // Queue threads never take SIGINT/SIGTERM: the thread that
                     // serves the device (or the application) decides.
                     crate::signals::block_stop_signals();
+                    crate::signals::block_sigpipe();
                     match Queue::new(&setup, &factory) {
                         Ok((queue, shared)) => {
                             let _ = ready_tx.send(Ok(shared));

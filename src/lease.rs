@@ -147,8 +147,8 @@ impl Lease<'_, '_> {
     }
 
     /// Sends `range` of a WRITE request's buffer on the stream socket `sock`
-    /// (all of it: short sends are continued). In zero-copy modes this is a
-    /// write(2) on the socket: a closed peer raises SIGPIPE unless it is ignored.
+    /// (all of it: short sends are continued). A closed peer fails it with
+    /// EPIPE (queue threads block SIGPIPE).
     pub fn send(&mut self, sock: RawFd, range: Range<u32>, data: u32) -> Result<()> {
         self.ctx.core.lease_op(self.tag, Kind::Send, sock, 0, range, data)
     }

@@ -99,3 +99,17 @@ pub(crate) fn set_stop_signals_mask(how: libc::c_int) -> libc::sigset_t {
         old
     }
 }
+
+/// Blocks SIGPIPE in the calling (queue) thread: a lease `send` on a socket
+/// whose peer has closed then fails with EPIPE instead of the signal's
+/// default action killing the whole server (the zero-copy modes write to the
+/// socket, which cannot pass MSG_NOSIGNAL).
+pub(crate) fn block_sigpipe() {
+    // SAFETY: sigset manipulation on locals; affects only this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}

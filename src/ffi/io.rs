@@ -398,9 +398,9 @@ pub extern "C" fn ublk_io_lease_write(io: *mut ublk_io, fd: c_int, file_off: u64
 }
 
 /// Lease: sends `len` bytes of a WRITE request's buffer at `buf_off` on the
-/// stream socket `sock` (all of them: short sends are continued). In zero-copy
-/// modes this is a write on the socket, which raises SIGPIPE when the peer has
-/// closed unless SIGPIPE is ignored. As `ublk_io_lease_write`.
+/// stream socket `sock` (all of them: short sends are continued); a closed
+/// peer fails it with -EPIPE (queue threads block SIGPIPE, so it never kills
+/// the server). As `ublk_io_lease_write`.
 #[no_mangle]
 pub extern "C" fn ublk_io_lease_send(io: *mut ublk_io, sock: c_int, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
     submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).send(sock, range(buf_off, len), d))
