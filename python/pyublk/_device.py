@@ -1,0 +1,419 @@
+"""Device, Io and Lease: the Python face of libublk."""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import itertools
+import logging
+import signal
+import threading
+from typing import Any, Callable, Optional
+
+from . import _lib as L
+
+log = logging.getLogger("pyublk")
+
+_MODES = {
+    "auto": L.UBLK_DATA_AUTO,
+    "auto-buf-reg": L.UBLK_DATA_AUTO_BUF_REG,
+    "register": L.UBLK_DATA_REGISTER,
+    "user-copy": L.UBLK_DATA_USER_COPY,
+    "copy": L.UBLK_DATA_COPY,
+}
+
+
+_NULL_CB = L.BACKING_CB()  # a NULL callback: the request completes in aggregate
+
+
+class UblkError(OSError):
+    """A libublk call failed: `errno` is the error number, the message says what."""
+
+
+def _message() -> str:
+    buf = ctypes.create_string_buffer(512)
+    n = L.lib().ublk_last_error_message(buf, len(buf))
+    return buf.value.decode(errors="replace") if n > 0 else ""
+
+
+def _check(r: int, what: str) -> int:
+    if r < 0:
+        detail = _message()
+        name = L.lib().ublk_strerror(r).decode()
+        raise UblkError(-r, f"{what}: {name}" + (f" ({detail})" if detail else ""))
+    return r
+
+
+def features() -> list[str]:
+    """Names of the ublk features (UBLK_F_*) of the running kernel."""
+    v = ctypes.c_uint64()
+    _check(L.lib().ublk_features(ctypes.byref(v)), "ublk_features")
+    out = []
+    for bit in range(64):
+        if v.value >> bit & 1:
+            n = L.lib().ublk_feature_name(bit)
+            out.append(n.decode() if n else f"bit{bit}")
+    return out
+
+
+class Lease:
+    """The request's buffer lent to IO on files and sockets, on the queue's
+    io_uring: zero copy where the kernel allows, so no data passes through
+    Python. Only from the callback that received the request (its queue
+    thread). Each method takes a range (`offset`, `length`) of the request
+    buffer and an optional `callback(io, result)`; without callbacks the
+    request completes by itself when the last operation is over (with the
+    total bytes or the first error). Direction is enforced: `read_into` and
+    `recv` only on READ requests, `write_from` and `send` only on WRITE
+    requests (else UblkError EPERM)."""
+
+    __slots__ = ("_io",)
+
+    def __init__(self, io: "Io"):
+        self._io = io
+
+    def _op(self, name: str, fn: Any, args: tuple, callback: Optional[Callable[["Io", int], None]]) -> None:
+        io = self._io
+        dev = io._dev
+        if callback is None:
+            r = fn(io._ptr, *args, _NULL_CB, None)
+        else:
+            key = dev._remember(io, callback)
+            r = fn(io._ptr, *args, dev._backing_cb, ctypes.c_void_p(key))
+            if r < 0:
+                dev._pending.pop(key, None)
+        _check(r, name)
+
+    def read_into(self, fd: int, file_off: int, offset: int, length: int, callback=None) -> None:
+        """Fills `[offset, offset+length)` of a READ request from `fd` at
+        `file_off` (zeros past the end of the file)."""
+        self._op("lease.read_into", L.lib().ublk_io_lease_read, (fd, file_off, offset, length), callback)
+
+    def write_from(self, fd: int, file_off: int, offset: int, length: int, callback=None) -> None:
+        """Writes `[offset, offset+length)` of a WRITE request to `fd` at
+        `file_off` (durably when the request has FUA)."""
+        self._op("lease.write_from", L.lib().ublk_io_lease_write, (fd, file_off, offset, length), callback)
+
+    def send(self, sock: int, offset: int, length: int, callback=None) -> None:
+        """Sends `[offset, offset+length)` of a WRITE request on a stream socket."""
+        self._op("lease.send", L.lib().ublk_io_lease_send, (sock, offset, length), callback)
+
+    def recv(self, sock: int, offset: int, length: int, callback=None) -> None:
+        """Receives exactly `length` bytes from a stream socket into a READ request."""
+        self._op("lease.recv", L.lib().ublk_io_lease_recv, (sock, offset, length), callback)
+
+    def manual(self) -> None:
+        """The target completes the request itself (`io.complete`), e.g. from a
+        callback; the completion still waits for the operations in flight."""
+        _check(L.lib().ublk_io_lease_manual(self._io._ptr), "lease.manual")
+
+
+class Io:
+    """One request. `op` is "read", "write", "flush", "discard" or
+    "write_zeroes"; `offset` and `length` in bytes. Complete it once with
+    `complete(result)` (bytes done, 0 for ops without data, or a negative
+    errno), from any thread, now or later (an asyncio loop, a thread pool)."""
+
+    __slots__ = ("_dev", "_ptr", "op", "offset", "length", "flags", "tag", "queue_id", "_view", "_done")
+
+    _OPS = {L.UBLK_OP_READ: "read", L.UBLK_OP_WRITE: "write", L.UBLK_OP_FLUSH: "flush",
+            L.UBLK_OP_DISCARD: "discard", L.UBLK_OP_WRITE_ZEROES: "write_zeroes"}
+
+    def __init__(self, dev: "Device", ptr: int):
+        lib = L.lib()
+        self._dev = dev
+        self._ptr = ctypes.c_void_p(ptr)
+        code = lib.ublk_io_op(self._ptr)
+        self.op = Io._OPS.get(code, f"op{code}")
+        self.offset = lib.ublk_io_offset(self._ptr)
+        self.length = lib.ublk_io_len(self._ptr)
+        self.flags = lib.ublk_io_flags(self._ptr)
+        self.tag = lib.ublk_io_tag(self._ptr)
+        self.queue_id = lib.ublk_io_queue_id(self._ptr)
+        self._view: Optional[memoryview] = None
+        self._done = False
+
+    @property
+    def fua(self) -> bool:
+        return bool(self.flags & L.UBLK_FLAG_FUA)
+
+    @property
+    def buf(self) -> memoryview:
+        """The request data as a writable memoryview over the engine's memory
+        (READ: fill it; WRITE: read it). Only in copy mode (a target with
+        read/write methods, or needs_buffer=True). Valid until the request is
+        completed: the view is released then and using it raises ValueError.
+        Do not keep slices of it beyond that."""
+        if self._view is None:
+            if self._done:
+                raise ValueError("the request is completed: its buffer is gone")
+            p = L.lib().ublk_io_buf(self._ptr)
+            if not p:
+                raise ValueError(f"no buffer: a {self.op} request, or data mode {self._dev.data_mode} "
+                                 "(buffers exist in copy mode only; use io.lease, or needs_buffer=True)")
+            self._view = memoryview((ctypes.c_char * self.length).from_address(p)).cast("B")
+        return self._view
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self)
+
+    def _release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+
+    def complete(self, result: int) -> None:
+        """Completes the request (raises UblkError: EALREADY if it was already
+        completed, EINVAL for a result larger than the request, ESHUTDOWN
+        after the device stopped)."""
+        if not isinstance(result, int):
+            raise TypeError(f"result must be an int (bytes done or -errno), not {type(result).__name__}")
+        self._release()
+        self._done = True
+        _check(L.lib().ublk_io_complete(self._ptr, result), "io.complete")
+
+    def __repr__(self) -> str:
+        return f"<pyublk.Io {self.op} offset={self.offset} length={self.length} q{self.queue_id} tag {self.tag}>"
+
+
+_SIMPLE = ("read", "write", "flush", "discard", "write_zeroes")
+
+
+class Device:
+    """A ublk block device served by `target`.
+
+    The target either defines `handle(io)` (full control: complete now or
+    later, leases) or any of the simple methods, called on the queue threads
+    with the GIL held:
+
+    - `read(offset, length, buf)`: fill the memoryview `buf`;
+    - `write(offset, data)`: store the memoryview `data`;
+    - `flush()`, `discard(offset, length)`, `write_zeroes(offset, length)`.
+
+    Each returns None (success: the whole length) or a result (bytes done /
+    negative errno). A missing method makes its op fail with EOPNOTSUPP (and
+    FLUSH / DISCARD are only advertised when `flush` / `discard` exist, or
+    for a `handle` target when `discard=True` is passed; FLUSH is always
+    sent to a `handle` target). An
+    exception fails that request with EIO and is logged with its traceback;
+    the device keeps serving.
+
+        with pyublk.Device(MyTarget(), size=1 << 30, queues=2) as dev:
+            print(dev.path)
+            dev.serve()          # until SIGINT/SIGTERM or `ublk del`
+    """
+
+    def __init__(self, target: Any, *, size: int, queues: int = 1, depth: int = 128,
+                 logical_block_size: int = 512, max_io_size: int = 512 << 10, read_only: bool = False,
+                 zero_copy: str = "auto", needs_buffer: Optional[bool] = None, discard: Optional[bool] = None,
+                 dev_id: Optional[int] = None, name: str = "python"):
+        has_handle = callable(getattr(target, "handle", None))
+        simple = {m for m in _SIMPLE if callable(getattr(target, m, None))}
+        if not has_handle and not simple:
+            raise TypeError(f"target {type(target).__name__!r} has neither handle(io) nor any of "
+                            f"{', '.join(_SIMPLE)}: it cannot serve a device")
+        for k, v in (("size", size), ("queues", queues), ("depth", depth),
+                     ("logical_block_size", logical_block_size), ("max_io_size", max_io_size)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{k} must be an int, not {type(v).__name__}")
+            if v <= 0:
+                raise ValueError(f"{k} must be positive, got {v}")
+        if size % logical_block_size:
+            raise ValueError(f"size {size} is not a multiple of the logical block size {logical_block_size}")
+        if not 1 <= queues <= 4096 or not 1 <= depth <= 4096:
+            raise ValueError(f"queues ({queues}) and depth ({depth}) must be 1..4096")
+        if zero_copy not in _MODES:
+            raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
+        if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
+            raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+        if needs_buffer is None:
+            needs_buffer = bool(simple & {"read", "write"}) and not has_handle
+        self._target = target
+        self._handle = target.handle if has_handle else None
+        self._methods = {m: getattr(target, m) for m in simple}
+        self._pending: dict[int, tuple[Io, Callable]] = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.Lock()
+        self._dev = ctypes.c_void_p()
+        self._started = False
+        # the C side calls these: they must live as long as the device
+        self._handle_cb = L.HANDLE_IO(self._on_io)
+        self._backing_cb = L.BACKING_CB(self._on_backing)
+        self._ops = L.ublk_target_ops(handle_io=self._handle_cb)
+
+        lib = L.lib()
+        cfg = L.ublk_dev_config()
+        _check(lib.ublk_dev_config_init(ctypes.byref(cfg)), "ublk_dev_config_init")
+        cfg.size = size
+        cfg.nr_queues = queues
+        cfg.queue_depth = depth
+        cfg.logical_block_size = logical_block_size
+        cfg.physical_block_size = max(cfg.physical_block_size, logical_block_size)
+        cfg.max_io_bytes = max_io_size
+        cfg.read_only = int(read_only)
+        cfg.volatile_cache = int(has_handle or "flush" in simple)
+        if discard is None:
+            discard = bool(simple & {"discard", "write_zeroes"})
+        cfg.discard = int(discard)
+        cfg.data_mode = _MODES[zero_copy]
+        cfg.needs_buffer = int(needs_buffer)
+        cfg.dev_id = -1 if dev_id is None else dev_id
+        self._name = name.encode()
+        cfg.target_name = self._name
+        _check(lib.ublk_dev_new(ctypes.byref(cfg), ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
+               "ublk_dev_new")
+        info = L.ublk_dev_info()
+        _check(lib.ublk_dev_get_info(self._dev, ctypes.byref(info)), "ublk_dev_get_info")
+        self.id = info.dev_id
+        self.size = info.size
+        self.queues = info.nr_queues
+        self.depth = info.queue_depth
+        self.data_mode = lib.ublk_data_mode_name(info.data_mode).decode()
+        self.path = f"/dev/ublkb{self.id}"
+
+    # --- callbacks (queue threads, GIL taken by ctypes) ------------------------------
+    def _on_io(self, _user: Any, ptr: int) -> None:
+        io = None
+        try:
+            io = Io(self, ptr)
+            if self._handle is not None:
+                self._handle(io)
+                return
+            res = self._simple(io)
+            io.complete(res)
+        except Exception:
+            log.exception("pyublk: device %s: %r failed: the request fails with EIO", getattr(self, "id", "?"), io)
+            self._fail(io, ptr)
+        finally:
+            if io is not None and self._handle is None:
+                io._release()
+
+    def _simple(self, io: Io) -> int:
+        m = self._methods.get(io.op)
+        if m is None:
+            return -_errno.EOPNOTSUPP
+        if io.op == "read":
+            r = m(io.offset, io.length, io.buf)
+        elif io.op == "write":
+            r = m(io.offset, io.buf)
+        elif io.op == "flush":
+            r = m()
+        else:
+            r = m(io.offset, io.length)
+        if r is None:
+            return io.length if io.op in ("read", "write") else 0
+        if not isinstance(r, int):
+            raise TypeError(f"{io.op}() returned {type(r).__name__}: want None or an int result")
+        return r
+
+    def _fail(self, io: Optional[Io], ptr: int) -> None:
+        try:
+            if io is not None:
+                io._release()
+            r = L.lib().ublk_io_complete(ctypes.c_void_p(ptr), -_errno.EIO)
+            if r < 0 and r not in (-_errno.EALREADY, -_errno.ESHUTDOWN, -_errno.ESTALE):
+                log.error("pyublk: failing request: %s", L.lib().ublk_strerror(r).decode())
+        except Exception:  # never let anything unwind into C
+            log.exception("pyublk: failing a request")
+
+    def _remember(self, io: Io, callback: Callable) -> int:
+        with self._lock:
+            key = next(self._keys)
+            self._pending[key] = (io, callback)
+        return key
+
+    def _on_backing(self, user: Any, ptr: int, res: int) -> None:
+        entry = self._pending.pop(user or 0, None)
+        if entry is None:
+            return
+        io, callback = entry
+        try:
+            callback(io, res)
+        except Exception:
+            log.exception("pyublk: device %s: lease callback of %r failed: the request fails with EIO", self.id, io)
+            try:
+                L.lib().ublk_io_lease_manual(io._ptr)
+            except Exception:
+                pass
+            self._fail(io, ptr)
+
+    # --- life cycle ------------------------------------------------------------------
+    def _live(self) -> ctypes.c_void_p:
+        if not self._dev:
+            raise ValueError("the device is closed")
+        return self._dev
+
+    def start(self) -> None:
+        """Starts serving in background threads; returns once `path` exists."""
+        _check(L.lib().ublk_dev_start(self._live()), "start")
+        self._started = True
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Waits until the device stops serving; True if it did within `timeout` s."""
+        ms = -1 if timeout is None else max(0, int(timeout * 1000))
+        r = L.lib().ublk_dev_wait(self._live(), ms)
+        if r == -_errno.ETIMEDOUT:
+            return False
+        _check(r, "wait")
+        return True
+
+    def serve(self) -> None:
+        """Starts (if needed) and serves until the device is stopped (`stop()`,
+        `ublk del`) or SIGINT / SIGTERM arrives; then stops it. A
+        KeyboardInterrupt is not re-raised: the device is simply stopped."""
+        if not self._started:
+            self.start()
+        stop = threading.Event()
+        old = None
+        if threading.current_thread() is threading.main_thread():
+            old = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            while not self.wait(0.2):
+                if stop.is_set():
+                    break
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
+        self.stop()
+        self.wait(30)
+
+    def stop(self) -> None:
+        """Stops the device (any thread); pending requests are aborted."""
+        if not self._dev or not self._started:
+            return
+        r = L.lib().ublk_dev_stop(self._dev)
+        if r < 0 and r != -_errno.EALREADY:
+            _check(r, "stop")
+
+    def close(self) -> None:
+        """Stops and deletes the device and frees it (idempotent)."""
+        if self._dev:
+            dev, self._dev = self._dev, ctypes.c_void_p()
+            L.lib().ublk_dev_free(dev)
+
+    def stats(self) -> list[dict[str, int]]:
+        """Per queue: ios, bytes, errors, in_flight, copied_bytes, lease_ops."""
+        out = []
+        for q in range(self.queues):
+            s = L.ublk_queue_stats()
+            _check(L.lib().ublk_dev_queue_stats(self._live(), q, ctypes.byref(s)), "stats")
+            out.append({f: getattr(s, f) for f, _ in L.ublk_queue_stats._fields_})
+        return out
+
+    def __enter__(self) -> "Device":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        return f"<pyublk.Device {self.path} {self.size} bytes, {self.queues} queues, mode {self.data_mode}>"
