@@ -12,7 +12,7 @@ C_BINS     := $(C_EXAMPLES:%=$(OUT)/c-%) $(OUT)/c-errors $(OUT)/c-errors-asan
 C_LINK      = -L$(OUT) -lublk -lpthread -Wl,-rpath,$(abspath $(OUT))
 
 .PHONY: all build rust c header check-header check-abi test test-host test-vm test-compat \
-        demo bench install clean
+        demo bench install clean python
 
 all: build
 
@@ -53,8 +53,13 @@ check-abi: build
 
 # Host unit tests, then every device test on kernel 7 in the VM, then a
 # smaller compatibility pass on 6.12. Ends with one total line.
-test: build
+test: build python
 	tests/check
+
+# pyublk: libublk.so copied into python/pyublk, `pip install ./python` into the
+# test venv ($(UBLK_CACHE_DIR)/py-venv, with pytest).
+python: rust
+	python/setup
 
 test-host:
 	$(CARGO) test --release
