@@ -77,6 +77,18 @@ static inline void example_parse(int argc, char **argv, struct example_opts *o)
     }
 }
 
+/* The defaults, then what the options say: size, queues, depth, data mode. */
+static inline void example_config(struct ublk_dev_config *cfg, const struct example_opts *o, uint64_t size,
+                                  const char *target_name)
+{
+    ublk_dev_config_init(cfg);
+    cfg->size = size;
+    cfg->nr_queues = (uint16_t)o->queues;
+    cfg->queue_depth = (uint16_t)o->depth;
+    cfg->data_mode = o->data_mode;
+    cfg->target_name = target_name;
+}
+
 /* Opens the comma-separated files of -f (O_DIRECT when the file system takes
  * it) into fds[], at most max; returns how many, and the smallest size. */
 static inline int example_open_files(const char *list, int *fds, int max, uint64_t *min_size)

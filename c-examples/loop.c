@@ -85,14 +85,9 @@ int main(int argc, char **argv)
         perror(o.file);
         return 2;
     }
-    ublk_dev_config_init(&cfg);
-    cfg.size = st.st_size & ~4095ULL;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
+    example_config(&cfg, &o, st.st_size & ~4095ULL, "c-loop");
     cfg.volatile_cache = 1;
     cfg.discard = 1;
-    cfg.target_name = "c-loop";
     r = example_run("loop", &cfg, &ops, &lo, NULL);
     close(lo.fd);
     return r;

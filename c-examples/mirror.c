@@ -65,13 +65,8 @@ int main(int argc, char **argv)
         return 2;
     }
     m.depth = o.depth;
-    ublk_dev_config_init(&cfg);
-    cfg.size = size & ~4095ULL;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
+    example_config(&cfg, &o, size & ~4095ULL, "c-mirror");
     cfg.volatile_cache = 1;
-    cfg.target_name = "c-mirror";
     r = example_run("mirror", &cfg, &ops, &m, NULL);
     close(m.fds[0]);
     close(m.fds[1]);

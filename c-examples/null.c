@@ -15,11 +15,6 @@ int main(int argc, char **argv)
     struct ublk_target_ops ops = { .handle_io = handle_io };
 
     example_parse(argc, argv, &o);
-    ublk_dev_config_init(&cfg);
-    cfg.size = o.size;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
-    cfg.target_name = "c-null";
+    example_config(&cfg, &o, o.size, "c-null");
     return example_run("null", &cfg, &ops, NULL, NULL);
 }

@@ -57,14 +57,9 @@ int main(int argc, char **argv)
         perror("ramdisk: mmap");
         return 1;
     }
-    ublk_dev_config_init(&cfg);
-    cfg.size = o.size;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
+    example_config(&cfg, &o, o.size, "c-ramdisk");
     cfg.needs_buffer = 1; /* serves from memory through ublk_io_buf() */
     cfg.discard = 1;
-    cfg.target_name = "c-ramdisk";
     r = example_run("ramdisk", &cfg, &ops, &rd, NULL);
     munmap(rd.mem, rd.size);
     return r;

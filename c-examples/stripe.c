@@ -92,13 +92,8 @@ int main(int argc, char **argv)
     }
     s.depth = o.depth;
     s.chunk = o.chunk;
-    ublk_dev_config_init(&cfg);
-    cfg.size = min_size / s.chunk * s.chunk * (uint64_t)s.n;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
+    example_config(&cfg, &o, min_size / s.chunk * s.chunk * (uint64_t)s.n, "c-stripe");
     cfg.volatile_cache = 1;
-    cfg.target_name = "c-stripe";
     r = example_run("stripe", &cfg, &ops, &s, NULL);
     for (int i = 0; i < s.n; i++)
         close(s.fds[i]);

@@ -109,13 +109,8 @@ int main(int argc, char **argv)
     for (i = 0; i < o.threads; i++)
         pthread_create(&tids[i], NULL, worker, &p);
 
-    ublk_dev_config_init(&cfg);
-    cfg.size = o.size;
-    cfg.nr_queues = o.queues;
-    cfg.queue_depth = o.depth;
-    cfg.data_mode = o.data_mode;
+    example_config(&cfg, &o, o.size, "c-threadpool");
     cfg.needs_buffer = 1; /* workers copy through ublk_io_buf() */
-    cfg.target_name = "c-threadpool";
     p.tids = tids;
     p.nthreads = o.threads;
     r = example_run("threadpool", &cfg, &ops, &p, stop_workers);
