@@ -11,10 +11,15 @@ the ratios that matter, at every size:
   * libublk vs rublk: our null / rublk null and our loop / rublk loop, ✓ when >= 1.0;
   * C examples vs Rust targets (issue 3): C null / Rust null and C loop / Rust
     loop, ✓ when >= 0.95, and c-threadpool / c-ramdisk (completion from worker
-    threads vs inline), ✓ when >= 0.80.
-RESULTS.png: the same figures as grouped bars (log scale) plus one panel per
-ratio table.  Absolute IOPS under QEMU/TCG are noise; only figures from one run
-are compared, and the ratios are the point.
+    threads vs inline), ✓ when >= 0.80;
+  * data modes (issue 4): each zero-copy mode (auto-buf-reg, register) / copy
+    mode for our loop, C mirror and C stripe, ✓ when >= 1.5 at 512k and >= 1.0
+    at 4k; our auto-buf-reg loop / rublk -z loop, ✓ when >= 1.0; C mirror
+    randwrite / our loop randwrite in the same mode, ✓ when >= 0.8; and the
+    bytes copied per IO by mode, from the servers' own counters (meta file).
+RESULTS.png: the original targets' IOPS as grouped bars (log scale) plus one
+panel per ratio table.  Absolute IOPS under QEMU/TCG are noise; only figures
+from one run are compared, and the ratios are the point.
 
 Without matplotlib, RESULTS.md is still written and the exit status is 1.
 """
@@ -42,6 +47,33 @@ SERIES = [
     ("kernel", "null", "kernel null_blk"),
     ("kernel", "loop", "kernel loop (dio)"),
 ]
+# the bar chart shows these (the data-mode matrix has its own ratio panels)
+BAR_SERIES = {(e, t) for e, t, _ in SERIES}
+# issue 4: data modes of our loop (the CLI), C mirror and C stripe; the loop in
+# copy mode is the ("libublk", "loop") row above
+MODES = ["auto-buf-reg", "register", "user-copy", "copy"]
+ZC_MODES = ["auto-buf-reg", "register"]
+MATRIX = ["loop", "mirror", "stripe"]
+RUBLK_ZC = ("rublk", "loop-zc")
+
+
+def mode_key(base, mode):
+    """(engine, target) of our `base` device (loop, mirror, stripe) in data mode `mode`."""
+    if base == "loop":
+        return ("libublk", "loop") if mode == "copy" else ("libublk", "loop:" + mode)
+    return ("libublk-c", "%s:%s" % (base, mode))
+
+
+def mode_label(base, mode):
+    return {"loop": "libublk loop", "mirror": "C mirror", "stripe": "C stripe"}[base] + \
+        " " + mode
+
+
+_at = SERIES.index(("libublk-c", "loop", "C loop (c-loop)")) + 1
+SERIES[_at:_at] = [(k[0], k[1], mode_label(b, m)) for b in MATRIX for m in MODES
+                   for k in [mode_key(b, m)] if k != ("libublk", "loop")]
+_at = SERIES.index(("rublk", "loop", "rublk 0.2.15 loop")) + 1
+SERIES[_at:_at] = [RUBLK_ZC + ("rublk 0.2.15 loop -z",)]
 # ratio tables: (numerator, denominator, label, goal, colour, hatch)
 RATIOS = [
     (("libublk", "null"), ("rublk", "null"), "libublk null / rublk null", 1.0, "#1f4e9c", None),
@@ -53,7 +85,44 @@ C_RATIOS = [
     (("libublk-c", "threadpool"), ("libublk-c", "ramdisk"),
      "C threadpool / C ramdisk (worker threads vs inline)", 0.80, "#9575cd", "xx"),
 ]
+# (a) zero copy vs copy: a goal per size (None: no goal there, the figure is shown)
+ZC_GOAL = {"4k": 1.0, "64k": None, "512k": 1.5}
+ZC_RATIOS = [(mode_key(b, m), mode_key(b, "copy"), "%s / copy" % mode_label(b, m), ZC_GOAL,
+              c, h)
+             for b, h in zip(MATRIX, [None, "//", "xx"])
+             for m, c in zip(ZC_MODES, ["#1f4e9c", "#c8581a"])]
+ZC_INFO = [(mode_key(b, "user-copy"), mode_key(b, "copy"),
+            "%s / copy (no goal: user copy still copies)" % mode_label(b, "user-copy"), None,
+            "#999999", None) for b in MATRIX]
+# (b) our zero-copy loop vs rublk -z (auto_buf_reg): the like-for-like row has the goal
+RZC_RATIOS = [
+    (mode_key("loop", "auto-buf-reg"), RUBLK_ZC, "libublk loop auto-buf-reg / rublk loop -z",
+     1.0, "#1f4e9c", None),
+    (mode_key("loop", "register"), RUBLK_ZC,
+     "libublk loop register / rublk loop -z (no goal: another mechanism)", None, "#9cc3f0",
+     "//"),
+]
+# (c) mirror writes vs single loop writes, same data mode
+MIRROR_RATIOS = [(mode_key("mirror", m), mode_key("loop", m),
+                  "C mirror / libublk loop, %s" % m, 0.8, c, h)
+                 for m, c, h in zip(MODES, ["#1f4e9c", "#c8581a", "#999999", "#2e8b57"],
+                                    [None, "//", "..", "xx"])]
 GOAL_MARK, MISS_MARK = "✓", "✗"
+
+
+def goal_at(goal, bs):
+    """The goal of a ratio at block size bs: a number, a {bs: number|None} dict, or None."""
+    if isinstance(goal, dict):
+        return goal.get(bs)
+    return goal
+
+
+def goal_text(goal):
+    if goal is None:
+        return "—"
+    if isinstance(goal, dict):
+        return ", ".join("≥ %.2f at %s" % (g, bs) for bs, g in goal.items() if g is not None)
+    return "≥ %.2f" % goal
 
 
 def load(path):
@@ -102,33 +171,42 @@ def ratio(idx, num, den, rw, bs, qd):
 
 def fmt_ratio(r, goal):
     """Two decimals, or three when two would round a miss up to the goal (0.949 vs 0.95)."""
+    if goal is None:
+        return "%.2f" % r
     return "%.3f" % r if r < goal <= round(r, 2) else "%.2f" % r
 
 
-def columns():
-    return [(rw, bs, qd) for rw in RWS for bs, qd in SIZES]
+def columns(rws=RWS):
+    return [(rw, bs, qd) for rw in rws for bs, qd in SIZES]
 
 
 def ratio_table(L, idx, cols, ratios, goal_col):
-    """Append a markdown ratio table; returns (points met, points wanted)."""
+    """Append a markdown ratio table; returns (points met, points wanted).  A ratio's
+    goal is a number, a {bs: number|None} dict or None (figures shown, no goal):
+    only the points with a goal get a mark and count."""
     head = "| ratio | " + ("goal | " if goal_col else "")
     L.append(head + " | ".join("%s %s QD%d" % c for c in cols) + " |")
     L.append("|---|" + ("---:|" if goal_col else "") + "---:|" * len(cols))
-    met = total = 0
+    met = total = want = 0
     for num, den, label, goal, _, _ in ratios:
         cells = []
         for rw, bs, qd in cols:
+            g = goal_at(goal, bs)
+            want += g is not None
             r = ratio(idx, num, den, rw, bs, qd)
             if r is None:
                 cells.append("—")
                 continue
+            if g is None:
+                cells.append(fmt_ratio(r, None))
+                continue
             total += 1
-            ok = r >= goal
+            ok = r >= g
             met += ok
-            cells.append("%s %s" % (fmt_ratio(r, goal), GOAL_MARK if ok else MISS_MARK))
-        L.append("| %s | %s%s |" % (label, "≥ %.2f | " % goal if goal_col else "", " | ".join(cells)))
+            cells.append("%s %s" % (fmt_ratio(r, g), GOAL_MARK if ok else MISS_MARK))
+        L.append("| %s | %s%s |" % (label, goal_text(goal) + " | " if goal_col else "",
+                                    " | ".join(cells)))
     L.append("")
-    want = len(ratios) * len(cols)
     L.append("Goal met at %d of %d points%s." %
              (met, want, "" if total == want else " (%d missing)" % (want - total)))
     L.append("")
@@ -142,8 +220,9 @@ def write_md(path, rows, meta, png_name):
     L.append("# Benchmark results")
     L.append("")
     L.append("Generated by `make bench` (bench/all): fio %s, `--ioengine=io_uring --direct=1 "
-             "--numjobs=1`, %s s per run, random reads and writes, in one VM run." %
-             (meta.get("fio", "?"), meta.get("runtime_s", "?")))
+             "--numjobs=1%s`, %s s per run, random reads and writes, in one VM run." %
+             (meta.get("fio", "?"), " --thread" if "--thread" in meta.get("fio_args", "") else "",
+              meta.get("runtime_s", "?")))
     L.append("")
     L.append("- kernel: `%s` (VM guest, %s vCPUs, CPU: %s)" %
              (meta.get("kernel", "?"), meta.get("cpus", "?"), meta.get("cpu_model", "?") or "?"))
@@ -151,6 +230,15 @@ def write_md(path, rows, meta, png_name):
     L.append("- libublk: commit `%s`, CLI `ublk` (`--queues 1 --depth 64`); peer: %s "
              "(`-q 1 -d 64`, copy mode: neither `-z` nor `-u`)" %
              (meta.get("libublk_commit", "?"), meta.get("rublk", "rublk") or "rublk"))
+    if meta.get("data_modes"):
+        L.append("- data modes: our rows without a mode in their name run in copy mode "
+                 "(`--zero-copy copy`, C examples `-z copy`), as before the data modes existed; "
+                 "the data-mode rows (`loop:MODE`, `mirror:MODE`, `stripe:MODE`) name theirs; "
+                 "`rublk loop-zc` is `rublk add loop -z` (zero copy through auto_buf_reg)")
+    if meta.get("mirror_stripe_files"):
+        L.append("- C mirror (`c-mirror -f leg0,leg1`: writes go to both legs at once, reads "
+                 "alternate) and C stripe (`c-stripe -f leg0,leg1`): %s" %
+                 meta["mirror_stripe_files"])
     L.append("- loop targets: %s; kernel loop via `losetup --direct-io=on`; kernel null via "
              "`null_blk` (blk-mq, irqmode=0, 1 queue, depth 64)" %
              meta.get("loop_backing", "1 GiB file on tmpfs"))
@@ -174,6 +262,10 @@ def write_md(path, rows, meta, png_name):
     L.append("Absolute IOPS are emulated-CPU noise; compare only figures from the same run. "
              "The ratios below are the point.")
     L.append("")
+    rzc = meta.get("rublk_zero_copy") or ""
+    if rzc.startswith("FAILED"):
+        L.append("**rublk -z did not run:** %s" % rzc.replace("|", "\\|"))
+        L.append("")
 
     L.append("## libublk vs rublk (copy mode)")
     L.append("")
@@ -190,18 +282,52 @@ def write_md(path, rows, meta, png_name):
     L.append("")
     cmet, cwant = ratio_table(L, idx, cols, C_RATIOS, goal_col=True)
 
+    L.append("## Zero copy vs copy mode")
+    L.append("")
+    L.append("Goals (issue 4), in the same run: each zero-copy mode (`auto-buf-reg`, `register`: "
+             "the request's pages are lent to the backing file's IO, no copy) ≥ 1.5 × copy "
+             "mode's IOPS at 512k and ≥ 1.0 × at 4k (never slower), for our loop (CLI), the C "
+             "mirror and the C stripe; same device, same files, only `--zero-copy`/`-z` "
+             "differs. Every zero-copy mode counts; 64k and the user-copy rows are shown "
+             "without a goal.")
+    L.append("")
+    zmet, zwant = ratio_table(L, idx, cols, ZC_RATIOS + ZC_INFO, goal_col=True)
+
+    L.append("## Zero-copy loop vs rublk -z")
+    L.append("")
+    L.append("Goal (issue 4): our zero-copy loop ≥ rublk 0.2.15's `-z` loop at every size "
+             "(ratio ≥ 1.00, %s). rublk's `-z` is auto_buf_reg, so the goal row is our loop in "
+             "`auto-buf-reg` (what `--zero-copy auto` picks on this kernel); the `register` row "
+             "is shown for information." % GOAL_MARK)
+    L.append("")
+    rmet, rwant = ratio_table(L, idx, cols, RZC_RATIOS, goal_col=True)
+
+    L.append("## Mirror writes vs single loop writes")
+    L.append("")
+    L.append("Goal (issue 4): the C mirror's random writes (each one goes to both legs, in "
+             "parallel, from one lease) ≥ 0.8 × a single loop's random writes in the same data "
+             "mode, at every size: proof that the legs run in parallel (one after the other "
+             "would give about 0.5). The loop is our CLI's (`libublk loop`, Rust); C loop "
+             "vs libublk loop is in the C examples table.")
+    L.append("")
+    mmet, mwant = ratio_table(L, idx, columns(["randwrite"]), MIRROR_RATIOS, goal_col=True)
+
+    copied_section(L, rows, meta)
+
     L.append("## IOPS")
     L.append("")
-    L.append("| engine | target | " + " | ".join("%s %s QD%d" % c for c in cols) + " |")
-    L.append("|---|---|" + "---:|" * len(cols))
+    L.append("| engine | target | mode | " + " | ".join("%s %s QD%d" % c for c in cols) + " |")
+    L.append("|---|---|---|" + "---:|" * len(cols))
     tnames = {("kernel", "null"): "null (null_blk)", ("kernel", "loop"): "loop (losetup, dio)",
               ("libublk-c", "null"): "null (c-null)", ("libublk-c", "loop"): "loop (c-loop)",
               ("libublk-c", "ramdisk"): "ramdisk (c-ramdisk, inline)",
-              ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2)"}
+              ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2)",
+              RUBLK_ZC: "loop-zc (-z)"}
+    modes = row_modes(rows)
     for engine, target, _ in series_in(rows):
-        L.append("| %s | %s | %s |" % (
+        L.append("| %s | %s | %s | %s |" % (
             "rublk 0.2.15" if engine == "rublk" else engine,
-            tnames.get((engine, target), target),
+            tnames.get((engine, target), target), modes.get((engine, target), "?"),
             " | ".join(fmt_iops(idx.get((engine, target, rw, bs, qd))) for rw, bs, qd in cols)))
     L.append("")
     failed = meta.get("failed") or []
@@ -216,7 +342,79 @@ def write_md(path, rows, meta, png_name):
         L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))
-    return met, want, cmet, cwant
+    return {"libublk >= rublk": (met, want), "C examples": (cmet, cwant),
+            "zero copy vs copy": (zmet, zwant), "zero-copy loop vs rublk -z": (rmet, rwant),
+            "mirror vs loop writes": (mmet, mwant)}
+
+
+def row_modes(rows):
+    """(engine, target) -> the data mode(s) its rows carry."""
+    out = {}
+    for r in rows:
+        k = (r["engine"], r["target"])
+        m = r.get("mode", "?")
+        if m not in out.get(k, "").split(","):
+            out[k] = (out[k] + "," + m) if k in out else m
+    return out
+
+
+def fmt_bytes(v):
+    if v is None:
+        return "—"
+    if v >= 10 * 1024:
+        return "%.1f KiB" % (v / 1024)
+    return "%.0f B" % v
+
+
+def copied_section(L, rows, meta):
+    """(d) bytes copied per IO by mode, from the servers' counters in the meta file."""
+    ctr = meta.get("io_counters")
+    L.append("## Bytes copied per IO, by data mode")
+    L.append("")
+    if not ctr:
+        L.append("No counters in the meta file (bench/run before issue 4, or none of our "
+                 "devices ran).")
+        L.append("")
+        return
+    L.append("From each of our servers' own counters, read from its stop line when the device "
+             "is removed (`copied_bytes`: request data copied between the request and a server "
+             "buffer, by the kernel or by us), summed over the device's six fio runs (4k, 64k "
+             "and 512k mixed, so per IO is a mix; per byte of data is size-independent), the "
+             "RAM disks' fill pass and udev's probe reads. rublk and the kernel's drivers have "
+             "no such counters: not measurable there (rublk's copy mode copies every byte by "
+             "design).")
+    L.append("")
+    L.append("| device | " + " | ".join(MODES) + " |")
+    L.append("|---|" + "---:|" * len(MODES))
+    for b in MATRIX:
+        cells = []
+        for m in MODES:
+            e, t = mode_key(b, m)
+            c = ctr.get("%s/%s" % (e, t))
+            if not c or c.get("copied_bytes_per_io") is None:
+                cells.append("—")
+            else:
+                cells.append("%s per IO (%.2f × the data)" % (
+                    fmt_bytes(c["copied_bytes_per_io"]), c.get("copied_bytes_per_byte") or 0.0))
+        L.append("| %s | %s |" % (mode_label(b, "").strip(), " | ".join(cells)))
+    L.append("")
+    L.append("All our devices in this run:")
+    L.append("")
+    L.append("| engine/target | mode | IOs | data per IO | copied per IO | copied / data | "
+             "lease ops per IO |")
+    L.append("|---|---|---:|---:|---:|---:|---:|")
+    order = ["%s/%s" % (e, t) for e, t, _ in SERIES]
+    for k in sorted(ctr, key=lambda k: order.index(k) if k in order else len(order)):
+        c = ctr[k]
+        L.append("| %s | %s%s | %s | %s | %s | %s | %s |" % (
+            k, c.get("mode", "?"),
+            "" if c.get("mode") == c.get("requested_mode") else
+            " (asked: %s)" % c.get("requested_mode"),
+            "{:,}".format(c.get("ios", 0)), fmt_bytes(c.get("bytes_per_io")),
+            fmt_bytes(c.get("copied_bytes_per_io")),
+            "—" if c.get("copied_bytes_per_byte") is None else "%.2f" % c["copied_bytes_per_byte"],
+            "—" if c.get("lease_ops_per_io") is None else "%.2f" % c["lease_ops_per_io"]))
+    L.append("")
 
 
 COLORS = {
@@ -235,15 +433,20 @@ COLORS = {
 HATCH = {"loop": "//", "mem": "..", "ramdisk": "..", "threadpool": "xx"}
 
 
-def ratio_panel(ax, idx, cols, ratios, title, ylabel):
-    """Grouped bars of the ratios in `ratios` at every point, one dashed line per goal."""
+def ratio_panel(ax, idx, cols, ratios, title, ylabel, cap=None, ncol=3, fontsize=9,
+                headroom=1.35):
+    """Grouped bars of the ratios in `ratios` at every point, one dashed line per goal
+    (per-size goals: a segment over each group that has it).  cap: the y axis
+    ends there at most, and taller bars are cut at it (their figure is printed)."""
     from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
 
     n = len(ratios)
     rwidth = 0.8 / n
     goal_styles = ["--", ":", "-."]
-    goals = sorted({g for _, _, _, g, _, _ in ratios}, reverse=True)
+    goals = sorted({goal_at(g, bs) for _, _, _, g, _, _ in ratios for _, bs, _ in cols} - {None},
+                   reverse=True)
+    per_size = any(isinstance(g, dict) for _, _, _, g, _, _ in ratios)
     for k, (num, den, label, goal, color, hatch) in enumerate(ratios):
         xs, ys = [], []
         off = (k - (n - 1) / 2) * rwidth
@@ -255,18 +458,29 @@ def ratio_panel(ax, idx, cols, ratios, title, ylabel):
             else:
                 ax.text(j + off, 0.03, "n/a", ha="center", va="bottom", fontsize=8,
                         color="#777777", rotation=90 if n > 2 else 0)
-        bars = ax.bar(xs, ys, rwidth * 0.92, label=label, color=color, hatch=hatch,
+        shown = [min(v, cap) if cap else v for v in ys]
+        bars = ax.bar(xs, shown, rwidth * 0.92, label=label, color=color, hatch=hatch,
                       edgecolor="white", linewidth=0.5)
-        for b, v in zip(bars, ys):
-            ax.text(b.get_x() + b.get_width() / 2, v + 0.02, fmt_ratio(v, goal), ha="center",
-                    va="bottom", fontsize=8, color="#1a7f37" if v >= goal else "#b3261e",
-                    fontweight="bold")
+        gs = [goal_at(goal, cols[int(round(x - off))][1]) for x in xs]
+        for b, v, g, h in zip(bars, ys, gs, shown):
+            ax.text(b.get_x() + b.get_width() / 2, h + 0.02, fmt_ratio(v, g), ha="center",
+                    va="bottom", fontsize=8 if n <= 4 else 6,
+                    color="#555555" if g is None else "#1a7f37" if v >= g else "#b3261e",
+                    fontweight="bold", rotation=0 if n <= 4 else 90)
     for i, g in enumerate(goals):
-        ax.axhline(g, color="#b3261e", linestyle=goal_styles[i % len(goal_styles)],
-                   linewidth=1.2)
+        if per_size:
+            # a goal segment over each group of bars that has this goal
+            for j, (_, bs, _) in enumerate(cols):
+                if any(goal_at(gg, bs) == g for _, _, _, gg, _, _ in ratios):
+                    ax.hlines(g, j - 0.45, j + 0.45, color="#b3261e",
+                              linestyle=goal_styles[i % len(goal_styles)], linewidth=1.2)
+        else:
+            ax.axhline(g, color="#b3261e", linestyle=goal_styles[i % len(goal_styles)],
+                       linewidth=1.2)
     rs = [ratio(idx, num, den, *c) for num, den, _, _, _, _ in ratios for c in cols]
     rs = [r for r in rs if r is not None]
-    ax.set_ylim(0, max([1.5] + [r * 1.35 for r in rs]))
+    top = max([1.5] + [r * headroom for r in rs])
+    ax.set_ylim(0, min(top, cap * headroom) if cap else top)
     ax.set_xticks(range(len(cols)))
     ax.set_xticklabels(["%s\n%s QD%d" % c for c in cols])
     ax.set_xlim(-0.6, len(cols) - 0.4)
@@ -278,14 +492,18 @@ def ratio_panel(ax, idx, cols, ratios, title, ylabel):
     for i, g in enumerate(goals):
         who = [lab.split(" (")[0] for _, _, lab, gg, _, _ in ratios if gg == g]
         text = "goal: ≥ %.2f" % g
-        if len(goals) > 1:
+        if per_size:
+            text += " at %s" % ", ".join(bs for bs, _ in SIZES
+                                         if any(goal_at(r[3], bs) == g for r in ratios))
+        elif len(goals) > 1:
             text += " (%s)" % ", ".join(w.split(" / ")[0] for w in who)
         handles.append(Line2D([], [], color="#b3261e", linestyle=goal_styles[i % len(goal_styles)],
                               label=text))
-    handles += [Patch(facecolor=c, hatch=h, edgecolor="white", label=l)
-                for _, _, l, _, c, h in ratios]
-    ax.legend(handles=handles, loc="upper center", ncol=min(len(handles), 3), fontsize=9,
-              framealpha=0.9)
+    handles += [Patch(facecolor=c, hatch=h, edgecolor="white",
+                      label=l if g is not None else l.split(" (")[0] + " (no goal)")
+                for _, _, l, g, c, h in ratios]
+    ax.legend(handles=handles, loc="upper center", ncol=min(len(handles), ncol),
+              fontsize=fontsize, framealpha=0.9)
 
 
 def write_png(path, rows, meta):
@@ -295,16 +513,28 @@ def write_png(path, rows, meta):
 
     idx = index(rows)
     series = series_in(rows)
-    fig = plt.figure(figsize=(16, 15), dpi=100)
-    gs = fig.add_gridspec(3, 2, height_ratios=[1.5, 1, 1], hspace=0.36, wspace=0.08,
-                          top=0.89)
+    # the bars: the original targets (the data-mode matrix has its ratio panels),
+    # or everything when the run had none of them
+    series = [x for x in series if (x[0], x[1]) in BAR_SERIES] or series
+    # issue 4's panels, when the run has figures for them
+    cols = columns()
+    have = lambda ratios, cs: any(ratio(idx, num, den, *c) is not None
+                                  for num, den, *_ in ratios for c in cs)
+    zc = have(ZC_RATIOS, cols)
+    low = have(RZC_RATIOS, cols) or have(MIRROR_RATIOS, columns(["randwrite"]))
+    heights = [1.5, 1, 1] + ([1.1] if zc else []) + ([1] if low else [])
+    H = 15 + 5.5 * zc + 5 * low
+    top = 1 - 1.65 / H               # the same room (inches) for title and legend
+    fig = plt.figure(figsize=(16, H), dpi=100)
+    gs = fig.add_gridspec(len(heights), 2, height_ratios=heights, hspace=0.36 * 15 / H * len(heights) / 3,
+                          wspace=0.08 if not low else 0.12, top=top)
     axes = [fig.add_subplot(gs[0, 0]), fig.add_subplot(gs[0, 1])]
     rax = fig.add_subplot(gs[1, :])
     cax = fig.add_subplot(gs[2, :])
 
     n = max(len(series), 1)
     width = 0.86 / n
-    vals = [v for v in idx.values() if v > 0]
+    vals = [idx[k] for k in idx if (k[0], k[1]) in {(e, t) for e, t, _ in series} and idx[k] > 0]
     ymin = min(vals) / 2.5 if vals else 1
     ymax = max(vals) * 3 if vals else 10
     for ax, rw in zip(axes, RWS):
@@ -342,19 +572,31 @@ def write_png(path, rows, meta):
     nrow = -(-len(labels) // ncol)
     order = [r * ncol + c for c in range(ncol) for r in range(nrow) if r * ncol + c < len(labels)]
     fig.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper center",
-               ncol=ncol, bbox_to_anchor=(0.5, 0.955), fontsize=9, frameon=False)
+               ncol=ncol, bbox_to_anchor=(0.5, 1 - 0.675 / H), fontsize=9, frameon=False)
 
-    cols = columns()
     ratio_panel(rax, idx, cols, RATIOS, "libublk vs rublk 0.2.15, copy mode (higher is better)",
                 "libublk / rublk (IOPS ratio)")
     ratio_panel(cax, idx, cols, C_RATIOS,
                 "C examples (C ABI) vs Rust targets, and worker-thread vs inline completion",
                 "IOPS ratio")
+    row = 3
+    if zc:
+        ratio_panel(fig.add_subplot(gs[row, :]), idx, cols, ZC_RATIOS,
+                    "Zero copy vs copy mode: each zero-copy mode / copy, same device",
+                    "IOPS ratio", cap=6, headroom=1.6)
+        row += 1
+    if low:
+        ratio_panel(fig.add_subplot(gs[row, 0]), idx, cols, RZC_RATIOS,
+                    "Zero-copy loop vs rublk 0.2.15 -z", "IOPS ratio", cap=4, ncol=1,
+                    fontsize=8, headroom=1.6)
+        ratio_panel(fig.add_subplot(gs[row, 1]), idx, columns(["randwrite"]), MIRROR_RATIOS,
+                    "C mirror writes / single loop writes, same mode", "IOPS ratio", cap=4,
+                    ncol=2, fontsize=8, headroom=1.8)
     rounds = int(meta.get("rounds", 1) or 1)
     fig.suptitle("fio io_uring direct, 1 job — kernel %s, %s-vCPU VM guest, %s s runs%s, %s"
                  % (meta.get("kernel", "?"), meta.get("cpus", "?"), meta.get("runtime_s", "?"),
                     ", best of %d" % rounds if rounds > 1 else "",
-                    (meta.get("date") or "?")[:10]), fontsize=13, y=0.985)
+                    (meta.get("date") or "?")[:10]), fontsize=13, y=1 - 0.225 / H)
     fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
 
@@ -382,10 +624,10 @@ def main():
               file=sys.stderr)
         png_ok = False
     png_rel = os.path.relpath(a.png, os.path.dirname(os.path.abspath(a.md))) if png_ok else None
-    met, want, cmet, cwant = write_md(a.md, rows, meta, png_rel)
-    print("[bench/report] %d rows -> %s%s; libublk >= rublk at %d of %d points; "
-          "C examples goals met at %d of %d points" %
-          (len(rows), a.md, (" and " + a.png) if png_ok else "", met, want, cmet, cwant))
+    goals = write_md(a.md, rows, meta, png_rel)
+    print("[bench/report] %d rows -> %s%s; goals met: %s" %
+          (len(rows), a.md, (" and " + a.png) if png_ok else "",
+           "; ".join("%s %d/%d" % (k, m, w) for k, (m, w) in goals.items())))
     return 0 if png_ok else 1
 
 
