@@ -501,7 +501,7 @@ impl Device {
         let signals = crate::signals::StopSignals::install();
         let old_mask = crate::signals::set_stop_signals_mask(libc::SIG_UNBLOCK);
         let r = loop {
-            if self.wait_timeout(Duration::from_millis(50)) {
+            if self.wait_timeout(Duration::from_millis(200)) {
                 break Ok(());
             }
             if signals.fired().is_some() {
