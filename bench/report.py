@@ -40,6 +40,7 @@ SERIES = [
     ("libublk", "mem", "libublk mem"),
     ("libublk-c", "ramdisk", "C ramdisk (inline)"),
     ("libublk-c", "threadpool", "C threadpool (2 workers)"),
+    ("python", "ramdisk", "Python ramdisk (pyublk)"),
     ("libublk", "loop", "libublk loop"),
     ("libublk-c", "loop", "C loop (c-loop)"),
     ("rublk", "null", "rublk 0.2.15 null"),
@@ -72,6 +73,8 @@ def mode_label(base, mode):
 _at = SERIES.index(("libublk-c", "loop", "C loop (c-loop)")) + 1
 SERIES[_at:_at] = [(k[0], k[1], mode_label(b, m)) for b in MATRIX for m in MODES
                    for k in [mode_key(b, m)] if k != ("libublk", "loop")]
+_at = SERIES.index(("libublk", "loop:auto-buf-reg", mode_label("loop", "auto-buf-reg"))) + 1
+SERIES[_at:_at] = [("python", "loop:auto-buf-reg", "Python loop auto-buf-reg (pyublk leases)")]
 _at = SERIES.index(("rublk", "loop", "rublk 0.2.15 loop")) + 1
 SERIES[_at:_at] = [RUBLK_ZC + ("rublk 0.2.15 loop -z",)]
 # ratio tables: (numerator, denominator, label, goal, colour, hatch)
@@ -107,6 +110,13 @@ MIRROR_RATIOS = [(mode_key("mirror", m), mode_key("loop", m),
                   "C mirror / libublk loop, %s" % m, 0.8, c, h)
                  for m, c, h in zip(MODES, ["#1f4e9c", "#c8581a", "#999999", "#2e8b57"],
                                     [None, "//", "..", "xx"])]
+# issue 5: pyublk vs the Rust targets
+PY_RATIOS = [
+    (("python", "loop:auto-buf-reg"), mode_key("loop", "auto-buf-reg"),
+     "Python loop / libublk loop (auto-buf-reg leases)", 0.8, "#3776ab", None),
+    (("python", "ramdisk"), ("libublk", "mem"), "Python ramdisk / libublk mem (copy)",
+     {"4k": 0.5, "64k": None, "512k": None}, "#ffd43b", "//"),
+]
 GOAL_MARK, MISS_MARK = "✓", "✗"
 
 
@@ -312,6 +322,15 @@ def write_md(path, rows, meta, png_name):
     L.append("")
     mmet, mwant = ratio_table(L, idx, columns(["randwrite"]), MIRROR_RATIOS, goal_col=True)
 
+    L.append("## Python (pyublk) vs Rust")
+    L.append("")
+    L.append("Goals (issue 5), in the same run: the lease-based Python loop "
+             "(`python/examples/loop.py`: Python only decides, the engine moves the data, zero "
+             "copy) ≥ 0.8 × the Rust loop in the same mode at every size; the Python RAM disk "
+             "(data copied by Python code) ≥ 0.5 × the Rust `mem` target at 4k.")
+    L.append("")
+    pmet, pwant = ratio_table(L, idx, cols, PY_RATIOS, goal_col=True)
+
     copied_section(L, rows, meta)
 
     L.append("## IOPS")
@@ -344,7 +363,7 @@ def write_md(path, rows, meta, png_name):
         f.write("\n".join(L))
     return {"libublk >= rublk": (met, want), "C examples": (cmet, cwant),
             "zero copy vs copy": (zmet, zwant), "zero-copy loop vs rublk -z": (rmet, rwant),
-            "mirror vs loop writes": (mmet, mwant)}
+            "mirror vs loop writes": (mmet, mwant), "python vs rust": (pmet, pwant)}
 
 
 def row_modes(rows):

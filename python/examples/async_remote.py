@@ -78,7 +78,7 @@ def main() -> int:
                        name="py-async") as dev:
         print(dev.id, dev.path, flush=True)
         dev.serve()
-        print(f"async_remote: {dev!r} stopped: {dev.stats()}", file=sys.stderr)
+        print(f"async_remote: {dev.summary()}", file=sys.stderr)
     loop.call_soon_threadsafe(loop.stop)
     t.join(5)
     return 0

@@ -55,7 +55,7 @@ def main() -> int:
                        discard=True, name="py-loop") as dev:
         print(dev.id, dev.path, flush=True)
         dev.serve()
-        print(f"loop: {dev!r} stopped: {dev.stats()}", file=sys.stderr)
+        print(f"loop: {dev.summary()}", file=sys.stderr)
     os.close(fd)
     return 0
 

@@ -48,7 +48,7 @@ def main() -> int:
     with pyublk.Device(RamDisk(a.size), size=a.size, queues=a.queues, depth=a.depth, name="py-ramdisk") as dev:
         print(dev.id, dev.path, flush=True)
         dev.serve()
-        print(f"ramdisk: {dev!r} stopped: {dev.stats()}", file=sys.stderr)
+        print(f"ramdisk: {dev.summary()}", file=sys.stderr)
     return 0
 
 

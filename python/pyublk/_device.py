@@ -403,6 +403,16 @@ class Device:
             out.append({f: getattr(s, f) for f, _ in L.ublk_queue_stats._fields_})
         return out
 
+    def summary(self) -> str:
+        """One line: "device N stopped: mode=M ios=.. bytes=.. errors=..
+        copied_bytes=.. lease_ops=.." (counters summed over the queues), the
+        format the C examples and the CLI print when a device stops."""
+        tot = {k: 0 for k in ("ios", "bytes", "errors", "copied_bytes", "lease_ops")}
+        for q in self.stats():
+            for k in tot:
+                tot[k] += q[k]
+        return f"device {self.id} stopped: mode={self.data_mode} " + " ".join(f"{k}={v}" for k, v in tot.items())
+
     def __enter__(self) -> "Device":
         return self
 

@@ -68,7 +68,7 @@ def test_ramdisk_example():
         fio_verify(ex.path)
     finally:
         err = ex.stop()
-    assert "mode copy" in err
+    assert "mode=copy" in err
 
 
 @pytest.fixture
@@ -90,9 +90,9 @@ def test_loop_example_leases(backing, mode):
     finally:
         err = ex.stop()
     # the data went through leases, not through Python
-    assert "'lease_ops': 0," not in err, err
+    assert " lease_ops=0" not in err and " lease_ops=" in err, err
     if mode == "auto" and "AUTO_BUF_REG" in pyublk.features():
-        assert "mode auto-buf-reg" in err and "'copied_bytes': 0," in err, err
+        assert "mode=auto-buf-reg" in err and " copied_bytes=0 " in err, err
 
 
 def test_loop_example_ext4(backing):
