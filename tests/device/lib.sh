@@ -457,6 +457,11 @@ t_cleanup() {
 t_finish() {
     local rc=$?
     trap - EXIT
+    # a script that died (a shell error under set -u, a crash) without having
+    # recorded a failure must not count as passed
+    if ((rc != 0 && T_FAIL == 0)); then
+        fail "script" "exited with status $rc without recording a failure (a shell error?)"
+    fi
     t_cleanup
     echo "$T_NAME: $T_PASS passed, $T_FAIL failed, $T_SKIP skipped ($((SECONDS - T_START))s)"
     if ((T_FAIL > 0)); then exit 1; fi
