@@ -1,0 +1,55 @@
+#include "bridge.h"
+#include "_cgo_export.h"
+
+/* One request: everything Go needs in one crossing. */
+static void handle_io(void *user, ublk_io *io)
+{
+    goUblkHandleIO((uintptr_t)user, io, ublk_io_op(io), ublk_io_flags(io), ublk_io_offset(io),
+                   ublk_io_len(io), ublk_io_queue_id(io), ublk_io_tag(io), ublk_io_buf(io));
+}
+
+static void op_done(void *user, ublk_io *io, int res)
+{
+    goUblkOpDone((uintptr_t)user, io, res);
+}
+
+static void complete_with(void *user, ublk_io *io, int res)
+{
+    (void)user;
+    ublk_io_complete(io, res);
+}
+
+int ublkgo_dev_new(const struct ublk_dev_config *cfg, uintptr_t handle, ublk_dev **out)
+{
+    static const struct ublk_target_ops ops = { .handle_io = handle_io };
+    return ublk_dev_new(cfg, &ops, (void *)handle, out);
+}
+
+int ublkgo_lease(int kind, ublk_io *io, int fd, uint64_t file_off, uint32_t buf_off, uint32_t len,
+                 uintptr_t cb)
+{
+    ublk_backing_cb f = cb ? op_done : NULL;
+    void *u = (void *)cb;
+
+    switch (kind) {
+    case UBLKGO_LEASE_READ:
+        return ublk_io_lease_read(io, fd, file_off, buf_off, len, f, u);
+    case UBLKGO_LEASE_WRITE:
+        return ublk_io_lease_write(io, fd, file_off, buf_off, len, f, u);
+    case UBLKGO_LEASE_SEND:
+        return ublk_io_lease_send(io, fd, buf_off, len, f, u);
+    case UBLKGO_LEASE_RECV:
+        return ublk_io_lease_recv(io, fd, buf_off, len, f, u);
+    }
+    return -22; /* EINVAL */
+}
+
+int ublkgo_fsync(ublk_io *io, int fd, int datasync, uintptr_t cb)
+{
+    return ublk_io_fsync(io, fd, datasync, cb ? op_done : complete_with, (void *)cb);
+}
+
+int ublkgo_fallocate(ublk_io *io, int fd, int mode, uint64_t off, uint64_t len, uintptr_t cb)
+{
+    return ublk_io_fallocate(io, fd, mode, off, len, cb ? op_done : complete_with, (void *)cb);
+}

@@ -1,0 +1,368 @@
+package ublk
+
+/*
+#include <stdlib.h>
+#include "bridge.h"
+*/
+import "C"
+
+import (
+	"context"
+	"io"
+	"log"
+	"runtime"
+	"runtime/cgo"
+	"sync"
+	"syscall"
+	"unsafe"
+)
+
+// Handler serves requests itself: HandleIO runs on the engine's queue thread
+// for each request and must not block for long. It completes the request
+// with Request.Complete (now, or later from any goroutine), or lends its
+// buffer to IO on files and sockets with Request.Lease (only here or in a
+// lease callback). A panic fails the request with EIO. Every request must be
+// completed: stopping the device waits (up to Config.Timeout) for the
+// requests in flight.
+type Handler interface {
+	HandleIO(r *Request)
+}
+
+// HandlerFunc adapts a function to Handler.
+type HandlerFunc func(r *Request)
+
+// HandleIO calls f(r).
+func (f HandlerFunc) HandleIO(r *Request) { f(r) }
+
+// Optional methods of an io.ReaderAt / io.WriterAt backend.
+type (
+	// Flusher makes written data durable: FLUSH requests, and after FUA
+	// writes. A backend with Flush (or Sync, as *os.File) gets a device with
+	// a volatile write cache.
+	Flusher interface{ Flush() error }
+	// Discarder drops a range (DISCARD). Without it DISCARD succeeds and
+	// does nothing.
+	Discarder interface{ Discard(off, n int64) error }
+	// WriteZeroer zeroes a range (WRITE_ZEROES). Without it, zeroes are
+	// written with WriteAt.
+	WriteZeroer interface {
+		WriteZeroes(off, n int64) error
+	}
+	syncer interface{ Sync() error }
+)
+
+// Info describes a created device.
+type Info struct {
+	ID         int
+	Size       int64
+	Queues     int
+	Depth      int
+	MaxIOBytes int
+	DataMode   DataMode // the mode in use (never DataAuto)
+	Flags      uint64   // UBLK_F_* bits negotiated with the kernel
+}
+
+// QueueStats are one queue's counters.
+type QueueStats struct {
+	IOs         uint64 // requests completed
+	Bytes       uint64 // bytes of successful READ/WRITE requests
+	Errors      uint64 // requests completed with an error
+	InFlight    uint64 // requests handed to the backend and not completed
+	CopiedBytes uint64 // data bytes copied (copy and user-copy modes; 0 with zero-copy leases)
+	LeaseOps    uint64 // lease operations submitted
+}
+
+// Stats are the counters of every queue and their sum.
+type Stats struct {
+	Queues []QueueStats
+	Total  QueueStats
+}
+
+// Device is a ublk block device served by this process.
+type Device struct {
+	handle  cgo.Handle
+	serve   func(*Request)
+	async   bool
+	onError func(error)
+	info    Info
+	path    string
+
+	mu   sync.RWMutex // held (read) around calls that use dev; Close frees it under the write lock
+	dev  *C.ublk_dev  // nil once freed
+	last Stats        // the counters just before the device was freed
+
+	done      chan struct{} // closed when the device stopped serving
+	closed    chan struct{} // closed when Close has finished
+	closeOnce sync.Once
+	closeErr  error
+	wg        sync.WaitGroup // Async backend goroutines
+}
+
+// New creates a device and starts serving it; it returns once Path exists.
+// backend is either a Handler (which takes precedence), or an io.ReaderAt — with io.WriterAt unless
+// the device is read-only, and optionally Flush() error (or Sync() error),
+// Discard(off, n int64) error and WriteZeroes(off, n int64) error — whose
+// methods are called with the request's data buffer in copy mode (see
+// Config.Async for where they run). Close the device when done.
+func New(cfg Config, backend any) (*Device, error) {
+	d := &Device{async: cfg.Async, onError: cfg.OnError, done: make(chan struct{}), closed: make(chan struct{})}
+	var c C.struct_ublk_dev_config
+	if err := cfg.cConfig(&c); err != nil {
+		return nil, err
+	}
+	switch b := backend.(type) {
+	case nil:
+		return nil, invalid("backend is nil")
+	case Handler:
+		d.serve = b.HandleIO
+		c.volatile_cache = 1
+	case io.ReaderAt:
+		rw := &rwBackend{d: d, r: b}
+		rw.w, _ = backend.(io.WriterAt)
+		if rw.w == nil {
+			c.read_only = 1
+		}
+		if f, ok := backend.(Flusher); ok {
+			rw.flush = f.Flush
+		} else if f, ok := backend.(syncer); ok {
+			rw.flush = f.Sync
+		}
+		if f, ok := backend.(Discarder); ok {
+			rw.discard = f.Discard
+		}
+		if f, ok := backend.(WriteZeroer); ok {
+			rw.zero = f.WriteZeroes
+		}
+		c.volatile_cache = cbool(rw.flush != nil)
+		c.discard = cbool(rw.discard != nil || rw.zero != nil || cfg.Discard)
+		if cfg.DataMode != DataAuto && cfg.DataMode != DataCopy {
+			return nil, invalid("DataMode %v: an io.ReaderAt backend reads and writes the data itself, which needs copy mode (DataAuto or DataCopy; for zero copy, implement Handler and use leases)", cfg.DataMode)
+		}
+		c.needs_buffer = 1
+		d.serve = rw.serve
+	default:
+		return nil, invalid("backend %T implements neither ublk.Handler nor io.ReaderAt", backend)
+	}
+	name := cfg.Name
+	if name == "" {
+		name = "go"
+	}
+	c.target_name = C.CString(name)
+	defer C.free(unsafe.Pointer(c.target_name))
+	if cfg.StateDir != "" {
+		c.state_dir = C.CString(cfg.StateDir)
+		defer C.free(unsafe.Pointer(c.state_dir))
+	}
+
+	d.handle = cgo.NewHandle(d)
+	var dev *C.ublk_dev
+	if err := call("new", func() C.int { return C.ublkgo_dev_new(&c, C.uintptr_t(d.handle), &dev) }); err != nil {
+		d.handle.Delete()
+		return nil, err
+	}
+	var info C.struct_ublk_dev_info
+	C.ublk_dev_get_info(dev, &info)
+	d.info = Info{ID: int(info.dev_id), Size: int64(info.size), Queues: int(info.nr_queues), Depth: int(info.queue_depth),
+		MaxIOBytes: int(info.max_io_bytes), DataMode: DataMode(info.data_mode), Flags: uint64(info.flags)}
+	d.path = C.GoString(C.ublk_dev_path(dev))
+	d.dev = dev
+	if err := call("start", func() C.int { return C.ublk_dev_start(dev) }); err != nil {
+		d.dev = nil
+		C.ublk_dev_free(dev)
+		d.handle.Delete()
+		return nil, err
+	}
+	go func() {
+		C.ublk_dev_wait(dev, -1) // until the queue threads have exited
+		close(d.done)
+	}()
+	return d, nil
+}
+
+// NewContext is New, and cancelling ctx stops the device and removes it (as
+// Close; an error of that Close goes to Config.OnError).
+func NewContext(ctx context.Context, cfg Config, backend any) (*Device, error) {
+	d, err := New(cfg, backend)
+	if err != nil {
+		return nil, err
+	}
+	if ctx.Done() != nil {
+		go func() {
+			select {
+			case <-ctx.Done():
+				if err := d.Close(); err != nil {
+					d.report(err)
+				}
+			case <-d.closed:
+			}
+		}()
+	}
+	return d, nil
+}
+
+// Path is the block device, "/dev/ublkbN".
+func (d *Device) Path() string { return d.path }
+
+// ID is the device id N of /dev/ublkbN.
+func (d *Device) ID() int { return d.info.ID }
+
+// Info describes the device (size, queues, depth, data mode…).
+func (d *Device) Info() Info { return d.info }
+
+// Done is closed when the device has stopped serving: Stop, Close, context
+// cancellation, or `ublk del` from outside.
+func (d *Device) Done() <-chan struct{} { return d.done }
+
+// Serve blocks until ctx is done or the device stops serving (e.g. `ublk
+// del`), then closes the device and returns Close's error.
+func (d *Device) Serve(ctx context.Context) error {
+	select {
+	case <-ctx.Done():
+	case <-d.done:
+	case <-d.closed:
+	}
+	return d.Close()
+}
+
+// Stop stops serving (any goroutine): requests in flight fail, the queue
+// threads exit, Done is closed. The device stays until Close.
+func (d *Device) Stop() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.dev == nil {
+		return ErrClosed
+	}
+	err := call("stop", func() C.int { return C.ublk_dev_stop(d.dev) })
+	if e, ok := err.(*Error); ok && e.Errno == syscall.EALREADY {
+		return nil
+	}
+	return err
+}
+
+// Close stops the device, waits for the queue threads (and Async backend
+// goroutines) to finish, deletes the device and frees it. Idempotent and safe
+// from any goroutine, but never from inside HandleIO or a lease callback (it
+// waits for those to return). Requests completed after Close get ErrClosed.
+// The kernel deletes the device once nobody has the block device open: Close
+// waits for that up to Config.Timeout; after that the deletion is given up
+// and the stopped device may remain until `ublk del` (libublk's
+// ublk_dev_free reports no error, so neither can Close).
+func (d *Device) Close() error {
+	d.closeOnce.Do(func() {
+		d.closeErr = d.Stop()
+		<-d.done
+		d.wg.Wait()
+		d.mu.Lock()
+		d.last, _ = d.stats()
+		dev := d.dev
+		d.dev = nil
+		d.mu.Unlock()
+		C.ublk_dev_free(dev)
+		d.handle.Delete()
+		close(d.closed)
+	})
+	<-d.closed
+	return d.closeErr
+}
+
+// Stats are the device's counters per queue; after Close, the last ones.
+func (d *Device) Stats() (Stats, error) {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.dev == nil {
+		return d.last, nil
+	}
+	return d.stats()
+}
+
+func (d *Device) stats() (Stats, error) {
+	var st Stats
+	for q := 0; q < d.info.Queues; q++ {
+		var c C.struct_ublk_queue_stats
+		r := C.ublk_dev_queue_stats(d.dev, C.uint16_t(q), &c)
+		if r == -C.int(syscall.EAGAIN) { // the queue saw no request yet
+			st.Queues = append(st.Queues, QueueStats{})
+			continue
+		}
+		if r < 0 {
+			return st, errno("stats", r)
+		}
+		s := QueueStats{IOs: uint64(c.ios), Bytes: uint64(c.bytes), Errors: uint64(c.errors), InFlight: uint64(c.in_flight),
+			CopiedBytes: uint64(c.copied_bytes), LeaseOps: uint64(c.lease_ops)}
+		st.Queues = append(st.Queues, s)
+		st.Total.IOs += s.IOs
+		st.Total.Bytes += s.Bytes
+		st.Total.Errors += s.Errors
+		st.Total.InFlight += s.InFlight
+		st.Total.CopiedBytes += s.CopiedBytes
+		st.Total.LeaseOps += s.LeaseOps
+	}
+	return st, nil
+}
+
+func (d *Device) report(err error) {
+	if d.onError == nil {
+		log.Printf("ublk: device %d: %v", d.info.ID, err)
+		return
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			log.Printf("ublk: device %d: Config.OnError panicked: %v (reporting %v)", d.info.ID, p, err)
+		}
+	}()
+	d.onError(err)
+}
+
+// recovered fails r with EIO after a panic and reports it.
+func (d *Device) recovered(r *Request, p any) {
+	buf := make([]byte, 16<<10)
+	buf = buf[:runtime.Stack(buf, false)]
+	if !r.done.Load() {
+		_ = r.Complete(-int(syscall.EIO))
+	}
+	d.report(&PanicError{Op: r.op, Offset: r.off, Len: r.n, Value: p, Stack: buf})
+}
+
+func (d *Device) run(r *Request) {
+	defer func() {
+		if p := recover(); p != nil {
+			d.recovered(r, p)
+		}
+	}()
+	d.serve(r)
+}
+
+//export goUblkHandleIO
+func goUblkHandleIO(h C.uintptr_t, io *C.ublk_io, op C.int, flags C.uint32_t, off C.uint64_t, n C.uint32_t,
+	q C.uint16_t, tag C.uint16_t, buf unsafe.Pointer) {
+	d := cgo.Handle(h).Value().(*Device)
+	r := &Request{dev: d, io: io, op: Op(op), flags: uint32(flags), off: int64(off), n: int(n),
+		queue: int(q), tag: int(tag), buf: buf}
+	if d.async {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.run(r)
+		}()
+		return
+	}
+	d.run(r)
+}
+
+// KernelFeatures returns the running kernel's UBLK_F_* bits and their names.
+func KernelFeatures() (uint64, []string, error) {
+	var v C.uint64_t
+	if err := call("features", func() C.int { return C.ublk_features(&v) }); err != nil {
+		return 0, nil, err
+	}
+	var names []string
+	for bit := 0; bit < 64; bit++ {
+		if uint64(v)>>bit&1 == 0 {
+			continue
+		}
+		if n := C.ublk_feature_name(C.uint32_t(bit)); n != nil {
+			names = append(names, C.GoString(n))
+		}
+	}
+	return uint64(v), names, nil
+}

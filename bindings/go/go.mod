@@ -1,0 +1,3 @@
+module libublk/ublk
+
+go 1.21
