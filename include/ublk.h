@@ -259,6 +259,19 @@ typedef struct ublk_queue_stats {
 } ublk_queue_stats;
 
 /**
+ * Everything `ublk_io_op`, `_flags`, `_offset`, `_len`, `_queue_id` and
+ * `_tag` tell, in one call (for bindings, where each call costs).
+ */
+typedef struct ublk_io_desc {
+  int32_t op;
+  uint32_t flags;
+  uint64_t offset;
+  uint32_t len;
+  uint16_t queue_id;
+  uint16_t tag;
+} ublk_io_desc;
+
+/**
  * Completion callback of backing IO: `res` is the syscall-style result.
  */
 typedef void (*ublk_backing_cb)(void *user, struct ublk_io *io, int res);
@@ -400,6 +413,13 @@ int ublk_io_complete(struct ublk_io *io, int result);
  * handle. Any thread holding the request.
  */
 int ublk_io_op(const struct ublk_io *io);
+
+/**
+ * Fills `*out` with the request's op, flags, offset, length, queue id and
+ * tag. Returns 0, or -EINVAL for a bad handle or a NULL `out`. Any thread
+ * holding the request.
+ */
+int ublk_io_get_desc(const struct ublk_io *io, struct ublk_io_desc *out);
 
 /**
  * Flag bits of the request: UBLK_FLAG_FUA, UBLK_FLAG_NOUNMAP (the kernel's

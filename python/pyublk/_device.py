@@ -120,16 +120,17 @@ class Io:
             L.UBLK_OP_DISCARD: "discard", L.UBLK_OP_WRITE_ZEROES: "write_zeroes"}
 
     def __init__(self, dev: "Device", ptr: int):
-        lib = L.lib()
         self._dev = dev
         self._ptr = ctypes.c_void_p(ptr)
-        code = lib.ublk_io_op(self._ptr)
-        self.op = Io._OPS.get(code, f"op{code}")
-        self.offset = lib.ublk_io_offset(self._ptr)
-        self.length = lib.ublk_io_len(self._ptr)
-        self.flags = lib.ublk_io_flags(self._ptr)
-        self.tag = lib.ublk_io_tag(self._ptr)
-        self.queue_id = lib.ublk_io_queue_id(self._ptr)
+        d = L.ublk_io_desc()  # one call for all the fields (per call: ctypes drops the GIL in it)
+        _check(dev._get_desc(self._ptr, ctypes.byref(d)), "ublk_io_get_desc")
+        code = d.op
+        self.op = Io._OPS.get(code) or f"op{code}"
+        self.offset = d.offset
+        self.length = d.len
+        self.flags = d.flags
+        self.tag = d.tag
+        self.queue_id = d.queue_id
         self._view: Optional[memoryview] = None
         self._done = False
 
@@ -237,6 +238,7 @@ class Device:
         self._lock = threading.Lock()
         self._dev = ctypes.c_void_p()
         self._started = False
+        self._get_desc = L.lib().ublk_io_get_desc
         # the C side calls these: they must live as long as the device
         self._handle_cb = L.HANDLE_IO(self._on_io)
         self._backing_cb = L.BACKING_CB(self._on_backing)

@@ -87,7 +87,19 @@ class ublk_queue_stats(Structure):
     ]
 
 
+class ublk_io_desc(Structure):
+    _fields_ = [
+        ("op", c_int32),
+        ("flags", c_uint32),
+        ("offset", c_uint64),
+        ("len", c_uint32),
+        ("queue_id", c_uint16),
+        ("tag", c_uint16),
+    ]
+
+
 STRUCTS = {
+    "ublk_io_desc": ublk_io_desc,
     "ublk_dev_config": ublk_dev_config,
     "ublk_target_ops": ublk_target_ops,
     "ublk_dev_info": ublk_dev_info,
@@ -116,6 +128,7 @@ FUNCTIONS = {
     "ublk_dev_queue_stats": (c_int, [_dev, c_uint16, POINTER(ublk_queue_stats)]),
     "ublk_io_complete": (c_int, [_io, c_int]),
     "ublk_io_op": (c_int, [_io]),
+    "ublk_io_get_desc": (c_int, [_io, POINTER(ublk_io_desc)]),
     "ublk_io_flags": (c_uint32, [_io]),
     "ublk_io_offset": (c_uint64, [_io]),
     "ublk_io_len": (c_uint32, [_io]),

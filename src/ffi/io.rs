@@ -262,20 +262,53 @@ pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
     })
 }
 
+fn op_code(op: Op) -> c_int {
+    match op {
+        Op::Read => 0,
+        Op::Write => 1,
+        Op::Flush => 2,
+        Op::Discard => 3,
+        Op::WriteZeroes => 5,
+        Op::Other(o) => o as c_int,
+    }
+}
+
 /// The op of the request: UBLK_OP_READ, _WRITE, _FLUSH, _DISCARD,
 /// _WRITE_ZEROES (other kernel op numbers pass through); -EINVAL for a bad
 /// handle. Any thread holding the request.
 #[no_mangle]
 pub extern "C" fn ublk_io_op(io: *const ublk_io) -> c_int {
+    guard(|| Ok(op_code(req_of(io_ref(io)?).op)))
+}
+
+/// Everything `ublk_io_op`, `_flags`, `_offset`, `_len`, `_queue_id` and
+/// `_tag` tell, in one call (for bindings, where each call costs).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ublk_io_desc {
+    pub op: i32,
+    pub flags: u32,
+    pub offset: u64,
+    pub len: u32,
+    pub queue_id: u16,
+    pub tag: u16,
+}
+
+/// Fills `*out` with the request's op, flags, offset, length, queue id and
+/// tag. Returns 0, or -EINVAL for a bad handle or a NULL `out`. Any thread
+/// holding the request.
+#[no_mangle]
+pub extern "C" fn ublk_io_get_desc(io: *const ublk_io, out: *mut ublk_io_desc) -> c_int {
     guard(|| {
-        Ok(match req_of(io_ref(io)?).op {
-            Op::Read => 0,
-            Op::Write => 1,
-            Op::Flush => 2,
-            Op::Discard => 3,
-            Op::WriteZeroes => 5,
-            Op::Other(o) => o as c_int,
-        })
+        let i = io_ref(io)?;
+        if out.is_null() {
+            return Err(null_err("out"));
+        }
+        let r = req_of(i);
+        let d = ublk_io_desc { op: op_code(r.op), flags: r.flags.0, offset: r.offset, len: r.len, queue_id: i.queue().q_id, tag: r.tag };
+        // SAFETY: out is non-null and points to a ublk_io_desc (documented).
+        unsafe { out.write(d) };
+        Ok(0)
     })
 }
 
