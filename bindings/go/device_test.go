@@ -226,8 +226,11 @@ func TestHandlerCompletesLater(t *testing.T) {
 	const size = 16 << 20
 	store := make([]byte, size)
 	var again atomic.Int64
+	var handlers sync.WaitGroup // every handler goroutine, second completion included
 	h := HandlerFunc(func(r *Request) {
+		handlers.Add(1)
 		go func() {
+			defer handlers.Done()
 			time.Sleep(time.Duration(rand.Intn(300)) * time.Microsecond)
 			switch r.Op() {
 			case OpRead:
@@ -261,6 +264,9 @@ func TestHandlerCompletesLater(t *testing.T) {
 		}(g)
 	}
 	wg.Wait()
+	// the reader returns once the first completion is in; the goroutine's
+	// second attempt may still be on its way
+	handlers.Wait()
 	st, _ := d.Stats()
 	if again.Load() == 0 || again.Load() != int64(st.Total.IOs) {
 		t.Errorf("second completions refused: %d of %d requests", again.Load(), st.Total.IOs)
