@@ -226,11 +226,12 @@ func TestHandlerCompletesLater(t *testing.T) {
 	const size = 16 << 20
 	store := make([]byte, size)
 	var again atomic.Int64
-	var handlers sync.WaitGroup // every handler goroutine, second completion included
+	// handler goroutines started and finished (second completion included)
+	var started, finished atomic.Int64
 	h := HandlerFunc(func(r *Request) {
-		handlers.Add(1)
+		started.Add(1)
 		go func() {
-			defer handlers.Done()
+			defer finished.Add(1)
 			time.Sleep(time.Duration(rand.Intn(300)) * time.Microsecond)
 			switch r.Op() {
 			case OpRead:
@@ -266,7 +267,12 @@ func TestHandlerCompletesLater(t *testing.T) {
 	wg.Wait()
 	// the reader returns once the first completion is in; the goroutine's
 	// second attempt may still be on its way
-	handlers.Wait()
+	for deadline := time.Now().Add(10 * time.Second); finished.Load() != started.Load(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("handler goroutines: %d started, %d finished after 10 s", started.Load(), finished.Load())
+		}
+		time.Sleep(time.Millisecond)
+	}
 	st, _ := d.Stats()
 	if again.Load() == 0 || again.Load() != int64(st.Total.IOs) {
 		t.Errorf("second completions refused: %d of %d requests", again.Load(), st.Total.IOs)
