@@ -313,6 +313,12 @@ impl QueueCore {
                 Kind::Send => opcode::Send::new(types::Fd(op.fd), p, len).flags(libc::MSG_NOSIGNAL).build(),
             }
         };
+        // Fan-out: while another operation of the same request is in flight
+        // (a mirror's second leg, a stripe's next piece), this one goes to an
+        // io-wq worker (IOSQE_ASYNC) instead of being issued inline by this
+        // thread after the first: the copies into the page cache (tmpfs,
+        // buffered files) then run in parallel.
+        let e = if self.leases.state[tag as usize].inflight > 0 { e.flags(squeue::Flags::ASYNC) } else { e };
         self.push(e.user_data(ud))?;
         self.leases.state[tag as usize].inflight += 1;
         self.backing_inflight += 1;
