@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::io::{Op, PHASE_TARGET};
 use crate::mode::DataMode;
 use crate::queue::{QueueCore, QueueCtx};
+use crate::slab::Slab;
 use crate::sys;
 use io_uring::{opcode, squeue, types};
 use std::ops::Range;
@@ -90,29 +91,16 @@ struct LeaseOp {
     zero_fill: bool,
 }
 
-/// Lease state of a queue: per tag, and a slab of the operations in flight.
+/// Lease state of a queue: per tag, and the operations in flight (their slab
+/// key is the `data` of their user_data).
 pub(crate) struct Leases {
     pub(crate) state: Vec<LeaseState>,
-    ops: Vec<LeaseOp>,
-    free: Vec<u32>,
+    ops: Slab<LeaseOp>,
 }
 
 impl Leases {
     pub(crate) fn new(depth: u16) -> Leases {
-        Leases { state: vec![LeaseState::default(); depth as usize], ops: Vec::new(), free: Vec::new() }
-    }
-
-    fn alloc(&mut self, op: LeaseOp) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.ops[i as usize] = op;
-                i
-            }
-            None => {
-                self.ops.push(op);
-                (self.ops.len() - 1) as u32
-            }
-        }
+        Leases { state: vec![LeaseState::default(); depth as usize], ops: Slab::default() }
     }
 }
 
@@ -223,11 +211,11 @@ impl QueueCore {
         self.lease_prepare(tag, l.op)?;
         let rw_flags = if kind == Kind::WriteFrom && l.flags.fua() { libc::RWF_DSYNC } else { 0 };
         let op = LeaseOp { tag, kind, fd, file_off, buf_off: range.start, len: range.end - range.start, done: 0, rw_flags, data, zero_fill: false };
-        let idx = self.leases.alloc(op);
+        let idx = self.leases.ops.insert(op);
         let st = &mut self.leases.state[tag as usize];
         st.used = true;
         if let Err(e) = self.push_lease(idx) {
-            self.leases.free.push(idx);
+            self.leases.ops.take(idx);
             return Err(e);
         }
         self.shared.stats.lease_op();
@@ -286,7 +274,7 @@ impl QueueCore {
     }
 
     fn push_lease(&mut self, idx: u32) -> Result<()> {
-        let op = self.leases.ops[idx as usize];
+        let op = *self.leases.ops.get_mut(idx).ok_or_else(|| Error::inval(format!("no lease operation {idx}")))?;
         let off = op.buf_off + op.done;
         let len = op.len - op.done;
         let file_off = if op.kind.stream() { u64::MAX } else { op.file_off + op.done as u64 };
@@ -329,7 +317,7 @@ impl QueueCore {
     /// read); once the operation is over, gives `(tag, data, result)` for the
     /// target's `lease_done` (the result is the whole range's length on success).
     pub(crate) fn lease_cqe(&mut self, idx: u32, res: i32) -> Option<(u16, u32, i32)> {
-        let op = &mut self.leases.ops[idx as usize];
+        let op = self.leases.ops.get_mut(idx)?;
         let tag = op.tag;
         self.leases.state[tag as usize].inflight -= 1;
         let remaining = op.len - op.done;
@@ -355,7 +343,7 @@ impl QueueCore {
             op.len as i32
         };
         let data = op.data;
-        self.leases.free.push(idx);
+        self.leases.ops.take(idx);
         let st = &mut self.leases.state[tag as usize];
         if fin < 0 {
             if st.err == 0 {
@@ -371,8 +359,7 @@ impl QueueCore {
         match self.push_lease(idx) {
             Ok(()) => None,
             Err(e) => {
-                let op = self.leases.ops[idx as usize];
-                self.leases.free.push(idx);
+                let op = self.leases.ops.take(idx)?;
                 let st = &mut self.leases.state[op.tag as usize];
                 if st.err == 0 {
                     st.err = e.neg_errno();

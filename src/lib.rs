@@ -22,6 +22,7 @@ mod lease;
 pub mod mode;
 mod queue;
 mod signals;
+mod slab;
 pub mod state;
 mod stats;
 mod target;

@@ -5,6 +5,7 @@ use super::{guard, guard_or, null_err};
 use crate::error::Error;
 use crate::io::{Io, Op, QueueShared, Request};
 use crate::queue::QueueCtx;
+use crate::slab::Slab;
 use crate::stats::QueueStatsSnapshot;
 use crate::target::Target;
 use once_cell::sync::OnceCell;
@@ -51,38 +52,8 @@ struct Pending {
     io: *mut ublk_io,
 }
 
-/// Callbacks of the backing and lease operations in flight on a queue, by slot.
-#[derive(Default)]
-struct PendingSlab {
-    slots: Vec<Option<Pending>>,
-    free: Vec<u32>,
-}
-
 /// `data` of a lease operation submitted without a callback.
 const NO_CB: u32 = u32::MAX;
-
-impl PendingSlab {
-    fn insert(&mut self, p: Pending) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(p);
-                i
-            }
-            None => {
-                self.slots.push(Some(p));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
-    fn take(&mut self, i: u32) -> Option<Pending> {
-        let p = self.slots.get_mut(i as usize).and_then(Option::take);
-        if p.is_some() {
-            self.free.push(i);
-        }
-        p
-    }
-}
 
 /// Per-queue state shared by the queue thread and the C side.
 pub(crate) struct FfiQueue {
@@ -91,7 +62,8 @@ pub(crate) struct FfiQueue {
     shared: OnceCell<Arc<QueueShared>>,
     data: AtomicPtr<c_void>,
     ios: OnceCell<Box<[ublk_io]>>,
-    pending: Mutex<PendingSlab>,
+    /// Callbacks of the backing and lease operations in flight, by slab key.
+    pending: Mutex<Slab<Pending>>,
 }
 
 // SAFETY: the raw pointers in `pending` are only used on the queue thread.
@@ -106,7 +78,7 @@ impl FfiQueue {
             shared: OnceCell::new(),
             data: AtomicPtr::new(std::ptr::null_mut()),
             ios: OnceCell::new(),
-            pending: Mutex::new(PendingSlab::default()),
+            pending: Mutex::new(Slab::default()),
         }
     }
 
