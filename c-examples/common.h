@@ -164,8 +164,22 @@ static inline int fanout_queue_init(void *user, uint16_t queue_id, void **queue_
 {
     int depth = *(int *)user;
     (void)queue_id;
-    *queue_data = calloc((size_t)depth, sizeof(struct fanout));
+    /* one more: its `left` says the queue registered its files */
+    *queue_data = calloc((size_t)depth + 1, sizeof(struct fanout));
     return *queue_data ? 0 : -ENOMEM;
+}
+
+/* On a queue's first request: fds[0..n) into the queue ring's file table
+ * (ublk_io_register_fd; the IO works the same where that fails). */
+static inline void fanout_register_fds(ublk_io *io, int depth, const int *fds, int n)
+{
+    struct fanout *flag = (struct fanout *)ublk_io_queue_data(io) + depth;
+
+    if (flag->left)
+        return;
+    flag->left = 1;
+    for (int i = 0; i < n; i++)
+        ublk_io_register_fd(io, fds[i]);
 }
 
 static inline void fanout_queue_deinit(void *user, uint16_t queue_id, void *queue_data)

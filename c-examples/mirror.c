@@ -20,6 +20,7 @@ static void handle_io(void *user, ublk_io *io)
     uint32_t len = ublk_io_len(io);
     int r = 0;
 
+    fanout_register_fds(io, m->depth, m->fds, 2);
     switch (ublk_io_op(io)) {
     case UBLK_OP_READ:
         r = ublk_io_lease_read(io, m->fds[__atomic_fetch_add(&m->next_leg, 1, __ATOMIC_RELAXED) & 1],

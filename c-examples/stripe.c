@@ -50,6 +50,7 @@ static void handle_io(void *user, ublk_io *io)
     struct stripe *s = user;
     int r;
 
+    fanout_register_fds(io, s->depth, s->fds, s->n);
     switch (ublk_io_op(io)) {
     case UBLK_OP_READ:
         r = rw_pieces(s, io, 0);

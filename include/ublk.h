@@ -532,6 +532,20 @@ int ublk_io_lease_recv(struct ublk_io *io,
 int ublk_io_lease_manual(struct ublk_io *io);
 
 /**
+ * Registers `fd` in the file table of `io`'s queue ring, so that the IO the
+ * queue submits on it afterwards (leases, fsync, fallocate) skips the file
+ * lookup of each operation: what a loop or mirror does once per queue for its
+ * backing files (for instance on the first request, with a flag in the queue
+ * data). `fd` must stay open while registered; closing it does not
+ * unregister it. Registering an fd twice is a no-op. Only from a callback on
+ * the request's queue thread (-EXDEV otherwise). Errors: -EBADF (fd < 0),
+ * -EOPNOTSUPP (the kernel's io_uring has no sparse file table), -ENOSPC (the
+ * queue's 16 slots are in use). IO on an fd that is not registered works
+ * the same, without the saving.
+ */
+int ublk_io_register_fd(struct ublk_io *io, int fd);
+
+/**
  * fsync (`datasync` = 0) or fdatasync (non-zero) of `fd` on the queue's
  * io_uring; `cb(cb_user, io, res)` (required) runs on the queue thread when
  * done and completes `io` (or submits more). Only from a callback on the

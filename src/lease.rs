@@ -287,18 +287,18 @@ impl QueueCore {
                 let zfd = self.zero_fd.as_ref().map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(f));
                 opcode::ReadFixed::new(types::Fd(zfd), addr, len, tag).offset(0).build()
             } else if op.kind.fills() {
-                opcode::ReadFixed::new(types::Fd(op.fd), addr, len, tag).offset(file_off).build()
+                on_fd!(self, op.fd, |f| opcode::ReadFixed::new(f, addr, len, tag).offset(file_off).build())
             } else {
-                opcode::WriteFixed::new(types::Fd(op.fd), addr, len, tag).offset(file_off).rw_flags(op.rw_flags).build()
+                on_fd!(self, op.fd, |f| opcode::WriteFixed::new(f, addr, len, tag).offset(file_off).rw_flags(op.rw_flags).build())
             }
         } else {
             // SAFETY: off + len <= request length <= the tag's buffer size.
             let p = unsafe { self.bufs.get(tag).add(off as usize) };
             match op.kind {
-                Kind::ReadInto => opcode::Read::new(types::Fd(op.fd), p, len).offset(file_off).build(),
-                Kind::WriteFrom => opcode::Write::new(types::Fd(op.fd), p, len).offset(file_off).rw_flags(op.rw_flags).build(),
-                Kind::Recv => opcode::Recv::new(types::Fd(op.fd), p, len).build(),
-                Kind::Send => opcode::Send::new(types::Fd(op.fd), p, len).flags(libc::MSG_NOSIGNAL).build(),
+                Kind::ReadInto => on_fd!(self, op.fd, |f| opcode::Read::new(f, p, len).offset(file_off).build()),
+                Kind::WriteFrom => on_fd!(self, op.fd, |f| opcode::Write::new(f, p, len).offset(file_off).rw_flags(op.rw_flags).build()),
+                Kind::Recv => on_fd!(self, op.fd, |f| opcode::Recv::new(f, p, len).build()),
+                Kind::Send => on_fd!(self, op.fd, |f| opcode::Send::new(f, p, len).flags(libc::MSG_NOSIGNAL).build()),
             }
         };
         // Fan-out: while another operation of the same request is in flight

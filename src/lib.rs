@@ -11,6 +11,24 @@
 //! # Ok::<(), ublk::Error>(())
 //! ```
 
+/// `$build` with `$f` bound to `fd` as the queue ring's fixed file when the
+/// target registered it (`QueueCtx::register_fd`), else as a plain fd: the
+/// two are different types for the io_uring opcode builders.
+macro_rules! on_fd {
+    ($core:expr, $fd:expr, |$f:ident| $build:expr) => {
+        match $core.fixed_slot($fd) {
+            Some(slot) => {
+                let $f = io_uring::types::Fixed(slot);
+                $build
+            }
+            None => {
+                let $f = io_uring::types::Fd($fd);
+                $build
+            }
+        }
+    };
+}
+
 pub mod sys;
 mod buf;
 pub mod ctrl;

@@ -77,6 +77,11 @@ pub(crate) struct QueueCore {
     pub(crate) char_fd: RawFd,
     /// `char_fd` is the ring's fixed file 0 (saves a file lookup per command).
     char_fixed: bool,
+    /// Backing fds the target registered (`QueueCtx::register_fd`): fixed
+    /// file `i + 1` is `fixed_fds[i]` (-1: a free slot).
+    fixed_fds: Vec<RawFd>,
+    /// Slots of the ring's file table after slot 0 (0: no sparse table).
+    file_slots: u32,
     pub(crate) mode: DataMode,
     pub(crate) flags: u64,
     pub(crate) leases: Leases,
@@ -126,6 +131,50 @@ impl QueueCtx<'_> {
         self.core.local.get(tag as usize).map(|l| (l.off, l.len))
     }
 
+    /// Registers `fd` in the queue ring's file table, so that the IO this
+    /// queue submits on it (lease operations, fsync, fallocate) skips the
+    /// per-operation file lookup and reference counting: what a loop or
+    /// mirror target does once per queue for its backing files. `fd` must stay
+    /// open while registered (closing it does not unregister it: the ring
+    /// keeps the file, and a new file on the same number would not be used);
+    /// `unregister_fd` releases it. Registering twice is a no-op. Errors:
+    /// EBADF (fd < 0), EOPNOTSUPP (the kernel has no sparse file tables),
+    /// ENOSPC (all slots in use); IO on an fd that is not registered works
+    /// the same, only without the saving.
+    pub fn register_fd(&mut self, fd: RawFd) -> Result<()> {
+        let c = &mut *self.core;
+        if fd < 0 {
+            return Err(Error::new(libc::EBADF, format!("register_fd: bad fd {fd}")));
+        }
+        if c.fixed_slot(fd).is_some() {
+            return Ok(());
+        }
+        if c.file_slots == 0 {
+            return Err(Error::new(libc::EOPNOTSUPP, "register_fd: this kernel's io_uring has no sparse file table"));
+        }
+        let i = match c.fixed_fds.iter().position(|&f| f < 0) {
+            Some(i) => i,
+            None if (c.fixed_fds.len() as u32) < c.file_slots => {
+                c.fixed_fds.push(-1);
+                c.fixed_fds.len() - 1
+            }
+            None => return Err(Error::new(libc::ENOSPC, format!("register_fd: all {} file slots of the queue ring are in use", c.file_slots))),
+        };
+        c.ring.submitter().register_files_update(i as u32 + 1, &[fd]).map_err(|e| Error::from_io(e, format!("register_fd: cannot register fd {fd}")))?;
+        c.fixed_fds[i] = fd;
+        Ok(())
+    }
+
+    /// Releases a registration of `register_fd` (operations in flight on it
+    /// keep their file until they finish). ENOENT when `fd` is not registered.
+    pub fn unregister_fd(&mut self, fd: RawFd) -> Result<()> {
+        let c = &mut *self.core;
+        let slot = c.fixed_slot(fd).ok_or_else(|| Error::new(libc::ENOENT, format!("unregister_fd: fd {fd} is not registered")))?;
+        c.ring.submitter().register_files_update(slot, &[-1]).map_err(|e| Error::from_io(e, format!("unregister_fd: fd {fd}")))?;
+        c.fixed_fds[slot as usize - 1] = -1;
+        Ok(())
+    }
+
     /// Hands the request to whoever will complete it later, from any thread.
     pub fn defer(&mut self, io: Io<'_>) -> Completion {
         Completion { shared: self.core.shared.clone(), req: io.req, done: false }
@@ -134,14 +183,14 @@ impl QueueCtx<'_> {
     /// fsync / fdatasync of `fd`.
     pub fn fsync(&mut self, tag: u16, fd: RawFd, datasync: bool, data: u32) -> Result<()> {
         let flags = if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
-        let e = opcode::Fsync::new(types::Fd(fd)).flags(flags).build();
+        let e = on_fd!(self.core, fd, |f| opcode::Fsync::new(f).flags(flags).build());
         // SAFETY: references no memory.
         unsafe { self.submit(e, tag, data) }
     }
 
     /// fallocate(fd, mode, off, len).
     pub fn fallocate(&mut self, tag: u16, fd: RawFd, mode: i32, off: u64, len: u64, data: u32) -> Result<()> {
-        let e = opcode::Fallocate::new(types::Fd(fd), len).offset(off).mode(mode).build();
+        let e = on_fd!(self.core, fd, |f| opcode::Fallocate::new(f, len).offset(off).mode(mode).build());
         // SAFETY: references no memory.
         unsafe { self.submit(e, tag, data) }
     }
@@ -159,6 +208,14 @@ impl QueueCtx<'_> {
 }
 
 impl QueueCore {
+    /// The fixed-file slot `fd` is registered at (`QueueCtx::register_fd`).
+    pub(crate) fn fixed_slot(&self, fd: RawFd) -> Option<u32> {
+        if fd < 0 {
+            return None;
+        }
+        self.fixed_fds.iter().position(|&f| f == fd).map(|i| i as u32 + 1)
+    }
+
     pub(crate) fn push(&mut self, e: squeue::Entry) -> Result<()> {
         loop {
             // SAFETY: callers guarantee the memory referenced by `e` stays valid.
@@ -247,6 +304,9 @@ fn set_affinity(cpus: &[usize]) {
     }
 }
 
+/// Free slots of a queue ring's file table for the target's backing files.
+const FILE_SLOTS: u32 = 16;
+
 fn new_ring(entries: u32) -> Result<IoUring> {
     let fast = IoUring::builder()
         .setup_single_issuer()
@@ -267,7 +327,20 @@ impl Queue {
         set_affinity(&s.affinity);
         let entries = (s.depth as u32 * 2 + 8).next_power_of_two();
         let ring = new_ring(entries)?;
-        let char_fixed = ring.submitter().register_files(&[s.char_fd]).is_ok();
+        // file table: /dev/ublkcN at 0, then FILE_SLOTS free slots for the
+        // target's backing files (QueueCtx::register_fd); older kernels
+        // without sparse tables get only the char device
+        let sub = ring.submitter();
+        let (char_fixed, file_slots) = if sub.register_files_sparse(FILE_SLOTS + 1).is_ok() {
+            if sub.register_files_update(0, &[s.char_fd]).is_ok() {
+                (true, FILE_SLOTS)
+            } else {
+                let _ = sub.unregister_files();
+                (sub.register_files(&[s.char_fd]).is_ok(), 0)
+            }
+        } else {
+            (sub.register_files(&[s.char_fd]).is_ok(), 0)
+        };
         let descs = DescArray::map(s.char_fd, s.q_id, s.depth)?;
         let bufs = Arc::new(if s.mode.has_tag_buffers() { TagBuffers::new(s.depth, s.buf_bytes)? } else { TagBuffers::none() });
         let mut zero_fd = None;
@@ -306,6 +379,8 @@ impl Queue {
             info,
             char_fd: s.char_fd,
             char_fixed,
+            fixed_fds: Vec::new(),
+            file_slots,
             mode: s.mode,
             flags: s.flags,
             leases: Leases::new(s.depth),

@@ -265,6 +265,16 @@ func (l Lease) Recv(sock int, off, n int) error {
 	return l.op(C.UBLKGO_LEASE_RECV, "lease.recv", sock, 0, off, n)
 }
 
+// RegisterFd registers fd in the file table of the request's queue ring, so
+// that the operations the queue submits on it (leases, Fsync, Fallocate) skip
+// a file lookup each: what a loop backend does once per queue for its backing
+// file. Only from HandleIO on the queue's goroutine; fd must stay open while
+// the device serves. Registering twice is a no-op; EOPNOTSUPP on kernels
+// without sparse file tables (IO on fd works the same).
+func (r *Request) RegisterFd(fd int) error {
+	return errno("register_fd", C.ublk_io_register_fd(r.io, C.int(fd)))
+}
+
 // Manual turns off the automatic completion: the request is completed with
 // Request.Complete (held back until the operations in flight are over).
 func (l Lease) Manual() error {

@@ -23,8 +23,15 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 class Loop:
     def __init__(self, fd: int):
         self.fd = fd
+        self.registered = set()  # queues whose ring has the file in its table
 
     def handle(self, io: pyublk.Io) -> None:
+        if io.queue_id not in self.registered:  # once per queue
+            self.registered.add(io.queue_id)
+            try:
+                io.register_fd(self.fd)
+            except pyublk.UblkError:
+                pass  # an older kernel: the IO works the same
         if io.op == "read":  # completes by itself when the read is done
             io.lease.read_into(self.fd, io.offset, 0, io.length)
         elif io.op == "write":  # FUA -> RWF_DSYNC, done by the engine

@@ -159,6 +159,15 @@ class Io:
     def lease(self) -> Lease:
         return Lease(self)
 
+    def register_fd(self, fd: int) -> None:
+        """Registers `fd` in the file table of this request's queue ring, so
+        that lease operations on it skip a file lookup each: what a loop
+        target does once per queue for its backing file. Only inside `handle`
+        (the queue thread); `fd` must stay open while the device serves.
+        Registering twice is a no-op; raises UblkError (EOPNOTSUPP on kernels
+        without sparse file tables: IO on the fd works the same)."""
+        _check(L.lib().ublk_io_register_fd(self._ptr, fd), "io.register_fd")
+
     def _release(self) -> None:
         if self._view is not None:
             self._view.release()

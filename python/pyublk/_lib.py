@@ -141,6 +141,7 @@ FUNCTIONS = {
     "ublk_io_lease_send": (c_int, [_io, c_int, c_uint32, c_uint32, BACKING_CB, c_void_p]),
     "ublk_io_lease_recv": (c_int, [_io, c_int, c_uint32, c_uint32, BACKING_CB, c_void_p]),
     "ublk_io_lease_manual": (c_int, [_io]),
+    "ublk_io_register_fd": (c_int, [_io, c_int]),
     "ublk_io_fsync": (c_int, [_io, c_int, c_int, BACKING_CB, c_void_p]),
     "ublk_io_fallocate": (c_int, [_io, c_int, c_int, c_uint64, c_uint64, BACKING_CB, c_void_p]),
 }

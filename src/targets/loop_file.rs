@@ -103,17 +103,24 @@ impl LoopBacking {
 
 pub struct LoopTarget {
     b: Arc<LoopBacking>,
+    /// The backing fd was offered to the queue ring's file table.
+    registered: bool,
 }
 
 impl LoopTarget {
     pub fn new(b: Arc<LoopBacking>) -> LoopTarget {
-        LoopTarget { b }
+        LoopTarget { b, registered: false }
     }
 }
 
 impl Target for LoopTarget {
     fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>) {
         let (fd, tag, off, len) = (self.b.fd(), io.tag(), io.offset(), io.len());
+        if !self.registered {
+            // once per queue; without a file table the IO works the same
+            self.registered = true;
+            let _ = ctx.register_fd(fd);
+        }
         let r = match io.op() {
             // the request's buffer is lent to the file IO: zero copy where
             // the kernel allows; FUA becomes RWF_DSYNC, a short read zeroes

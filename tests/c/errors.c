@@ -97,6 +97,7 @@ static void host_checks(void)
     EXPECT(ublk_io_lease_write((ublk_io *)junk, 0, 0, 0, 512, NULL, NULL), -EINVAL);
     EXPECT(ublk_io_lease_manual(NULL), -EINVAL);
     EXPECT(ublk_io_fsync(NULL, 0, 0, NULL, NULL), -EINVAL);
+    EXPECT(ublk_io_register_fd(NULL, 0), -EINVAL);
     CHECK(strcmp(ublk_data_mode_name(UBLK_DATA_AUTO_BUF_REG), "auto-buf-reg") == 0, "mode name");
     CHECK(strcmp(ublk_data_mode_name(77), "unknown") == 0, "unknown mode name");
 
@@ -114,6 +115,7 @@ struct state {
     int r1, r2, backing;
     int zero_fd;             /* /dev/zero: what M_LEASE reads */
     int l_dir, l_range, l_empty, l_badfd, l_ok; /* M_LEASE results */
+    int reg_bad, reg_ok, reg_again, reg_foreign; /* ublk_io_register_fd results */
     ublk_io *held;
     pthread_mutex_t lock;
     pthread_cond_t cond;
@@ -127,6 +129,7 @@ static void *foreign_backing(void *arg)
     struct state *s = arg;
     char msg[256];
     s->backing = ublk_io_fsync(s->held, 0, 0, backing_done, NULL);
+    s->reg_foreign = ublk_io_register_fd(s->held, s->zero_fd);
     if (s->backing != -EXDEV && ublk_last_error_message(msg, sizeof(msg)) > 0)
         printf("foreign backing IO: %s\n", msg);
     return NULL;
@@ -157,6 +160,10 @@ static void k_handle(void *user, ublk_io *io)
     case M_LEASE: /* direction and range violations, then a good lease */
         if (ublk_io_op(io) == UBLK_OP_READ) {
             s->l_dir = ublk_io_lease_write(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
+            /* the read below then goes through the ring's fixed file */
+            s->reg_bad = ublk_io_register_fd(io, -1);
+            s->reg_ok = ublk_io_register_fd(io, s->zero_fd);
+            s->reg_again = ublk_io_register_fd(io, s->zero_fd);
             s->l_ok = ublk_io_lease_read(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
         } else {
             s->l_dir = ublk_io_lease_read(io, s->zero_fd, 0, 0, (uint32_t)len, NULL, NULL);
@@ -261,6 +268,9 @@ static void kernel_checks(void)
     wait_got(&s);
     pthread_join(t, NULL);
     EXPECT(s.l_dir, -EPERM);   /* a READ request's buffer is a destination only */
+    EXPECT(s.reg_bad, -EBADF);
+    EXPECT(s.reg_ok, 0);       /* every kernel with ublk has sparse file tables */
+    EXPECT(s.reg_again, 0);    /* a no-op */
     EXPECT(s.l_ok, 0);
     EXPECT(s.l_range, -EINVAL);
     EXPECT(s.l_empty, -EINVAL);
@@ -303,6 +313,7 @@ static void kernel_checks(void)
         pthread_create(&f, NULL, foreign_backing, &s);
         pthread_join(f, NULL);
         EXPECT(s.backing, -EXDEV);
+        EXPECT(s.reg_foreign, -EXDEV);
     }
     EXPECT(ublk_io_complete(s.held, 4096), 0); /* from this (non-queue) thread */
     pthread_join(t, NULL);

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 
 	"libublk/ublk"
@@ -46,9 +47,15 @@ func (f file) WriteZeroes(off, n int64) error {
 }
 
 // leaseLoop serves with leases and backing IO on the queue ring.
-type leaseLoop struct{ fd int }
+type leaseLoop struct {
+	fd         int
+	registered []atomic.Bool // per queue: the file is in the ring's file table
+}
 
 func (l *leaseLoop) HandleIO(r *ublk.Request) {
+	if q := r.Queue(); q < len(l.registered) && !l.registered[q].Swap(true) {
+		_ = r.RegisterFd(l.fd) // once per queue; without it the IO works the same
+	}
 	var err error
 	switch r.Op() {
 	case ublk.OpRead: // completes by itself when the read is over (zeroes past EOF)
@@ -114,7 +121,7 @@ func main() {
 	var backend any = file{f}
 	if *lease {
 		cfg.Name, cfg.DataMode, cfg.Discard = "go-loop-lease", dm, true
-		backend = &leaseLoop{fd: int(f.Fd())}
+		backend = &leaseLoop{fd: int(f.Fd()), registered: make([]atomic.Bool, *queues)}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
