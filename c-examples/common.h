@@ -169,20 +169,26 @@ static inline int fanout_queue_init(void *user, uint16_t queue_id, void **queue_
     return *queue_data ? 0 : -ENOMEM;
 }
 
-/* On a queue's first request: fds[0..n) into the queue ring's file table
- * (ublk_io_register_fd; the IO works the same where that fails). */
-static inline void fanout_register_fds(ublk_io *io, int depth, const int *fds, int n)
+/* On a queue's first request (*registered still 0): fds[0..n) into the
+ * queue ring's file table (ublk_io_register_fd; the IO works the same where
+ * that fails). `registered` lives in the queue data. */
+static inline void example_register_fds(ublk_io *io, int *registered, const int *fds, int n)
 {
-    struct fanout *flag = (struct fanout *)ublk_io_queue_data(io) + depth;
-
-    if (flag->left)
+    if (*registered)
         return;
-    flag->left = 1;
+    *registered = 1;
     for (int i = 0; i < n; i++)
         ublk_io_register_fd(io, fds[i]);
 }
 
-static inline void fanout_queue_deinit(void *user, uint16_t queue_id, void *queue_data)
+/* The same for the fan-out examples: the flag is the slot past the depth. */
+static inline void fanout_register_fds(ublk_io *io, int depth, const int *fds, int n)
+{
+    example_register_fds(io, &((struct fanout *)ublk_io_queue_data(io) + depth)->left, fds, n);
+}
+
+/* queue_deinit of the examples whose queue_init allocates their queue data. */
+static inline void example_queue_free(void *user, uint16_t queue_id, void *queue_data)
 {
     (void)user;
     (void)queue_id;

@@ -43,25 +43,14 @@ static int queue_init(void *user, uint16_t q_id, void **queue_data)
     return *queue_data ? 0 : -ENOMEM;
 }
 
-static void queue_deinit(void *user, uint16_t q_id, void *queue_data)
-{
-    (void)user;
-    (void)q_id;
-    free(queue_data);
-}
-
 static void handle_io(void *user, ublk_io *io)
 {
     struct loop *lo = user;
     uint64_t off = ublk_io_offset(io);
     uint32_t len = ublk_io_len(io);
-    int *registered = ublk_io_queue_data(io);
     int r;
 
-    if (!*registered) { /* once per queue; IO works the same if it fails */
-        *registered = 1;
-        ublk_io_register_fd(io, lo->fd);
-    }
+    example_register_fds(io, ublk_io_queue_data(io), &lo->fd, 1);
 
     switch (ublk_io_op(io)) {
     case UBLK_OP_READ: /* a short read (end of file) leaves zeroes */
@@ -91,7 +80,7 @@ int main(int argc, char **argv)
     struct example_opts o;
     struct ublk_dev_config cfg;
     struct ublk_target_ops ops = {
-        .handle_io = handle_io, .queue_init = queue_init, .queue_deinit = queue_deinit,
+        .handle_io = handle_io, .queue_init = queue_init, .queue_deinit = example_queue_free,
     };
     struct loop lo = { .zero_range = 1 };
     struct stat st;

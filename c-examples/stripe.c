@@ -75,7 +75,7 @@ int main(int argc, char **argv)
     struct ublk_target_ops ops = {
         .handle_io = handle_io,
         .queue_init = fanout_queue_init,
-        .queue_deinit = fanout_queue_deinit,
+        .queue_deinit = example_queue_free,
     };
     struct stripe s = { 0 };
     uint64_t min_size;
