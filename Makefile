@@ -11,7 +11,7 @@ C_EXAMPLES := null ramdisk loop threadpool mirror stripe
 C_BINS     := $(C_EXAMPLES:%=$(OUT)/c-%) $(OUT)/c-errors $(OUT)/c-errors-asan
 C_LINK      = -L$(OUT) -lublk -lpthread -Wl,-rpath,$(abspath $(OUT))
 
-.PHONY: all build rust c go header check-header check-abi test test-host test-vm test-compat \
+.PHONY: all build rust c go header check-header check-abi test test-host test-vm test-compat fuzz \
         demo bench install clean python
 
 all: build
@@ -68,6 +68,10 @@ test: build python
 python: rust
 	python/setup
 
+# cargo-fuzz on the CLI and state-file parsing, FUZZ_SECONDS per target (not in CI).
+fuzz:
+	tools/fuzz
+
 test-host:
 	$(CARGO) test --release
 
@@ -92,6 +96,8 @@ install: rust
 	install -m 644 include/ublk.h $(DESTDIR)$(PREFIX)/include/ublk.h
 	install -m 755 $(OUT)/ublk $(DESTDIR)$(PREFIX)/bin/ublk
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' ublk.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/ublk.pc
+	install -d $(DESTDIR)$(PREFIX)/lib/udev/rules.d
+	sed -e 's|@BINDIR@|$(PREFIX)/bin|' udev/90-ublk.rules.in > $(DESTDIR)$(PREFIX)/lib/udev/rules.d/90-ublk.rules
 
 clean:
 	$(CARGO) clean

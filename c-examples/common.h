@@ -23,7 +23,22 @@ struct example_opts {
     uint64_t chunk;     /* -c chunk size (stripe) */
     int threads;        /* -t worker threads (threadpool) */
     uint32_t data_mode; /* -z auto|auto-buf-reg|register|user-copy|copy */
+    uint32_t recovery;  /* -r none|reissue|fail|wait */
+    int recover_id;     /* -R ID: take over device ID after its server died (-1: no) */
+    int batch;          /* -b: requests in batches (handle_batch), where the example has it */
 };
+
+static inline uint32_t example_parse_recovery(const char *s)
+{
+    static const char *names[] = { "none", "reissue", "fail", "wait" };
+    static const uint32_t policies[] = { UBLK_RECOVERY_NONE, UBLK_RECOVERY_REISSUE, UBLK_RECOVERY_FAIL,
+                                         UBLK_RECOVERY_WAIT };
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (strcmp(s, names[i]) == 0)
+            return policies[i];
+    fprintf(stderr, "bad recovery policy %s (none, reissue, fail or wait)\n", s);
+    exit(2);
+}
 
 static inline uint32_t example_parse_mode(const char *s)
 {
@@ -61,7 +76,10 @@ static inline void example_parse(int argc, char **argv, struct example_opts *o)
     o->threads = 4;
     o->data_mode = UBLK_DATA_AUTO;
     o->chunk = 64 << 10;
-    while ((c = getopt(argc, argv, "s:q:d:f:t:z:c:")) != -1) {
+    o->recovery = UBLK_RECOVERY_NONE;
+    o->recover_id = -1;
+    o->batch = 0;
+    while ((c = getopt(argc, argv, "s:q:d:f:t:z:c:r:R:b")) != -1) {
         switch (c) {
         case 's': o->size = example_parse_size(optarg); break;
         case 'q': o->queues = atoi(optarg); break;
@@ -70,8 +88,12 @@ static inline void example_parse(int argc, char **argv, struct example_opts *o)
         case 't': o->threads = atoi(optarg); break;
         case 'z': o->data_mode = example_parse_mode(optarg); break;
         case 'c': o->chunk = example_parse_size(optarg); break;
+        case 'r': o->recovery = example_parse_recovery(optarg); break;
+        case 'R': o->recover_id = atoi(optarg); break;
+        case 'b': o->batch = 1; break;
         default:
-            fprintf(stderr, "usage: %s [-s size] [-q queues] [-d depth] [-f file[,file...]] [-t threads] [-z mode] [-c chunk]\n", argv[0]);
+            fprintf(stderr, "usage: %s [-s size] [-q queues] [-d depth] [-f file[,file...]] [-t threads] [-z mode] [-c chunk]"
+                            " [-r recovery] [-R id] [-b]\n", argv[0]);
             exit(2);
         }
     }
@@ -86,6 +108,7 @@ static inline void example_config(struct ublk_dev_config *cfg, const struct exam
     cfg->nr_queues = (uint16_t)o->queues;
     cfg->queue_depth = (uint16_t)o->depth;
     cfg->data_mode = o->data_mode;
+    cfg->recovery = o->recovery;
     cfg->target_name = target_name;
 }
 
@@ -218,16 +241,14 @@ static inline void example_log_stats(const char *name, ublk_dev *dev)
             (unsigned long long)t.copied_bytes, (unsigned long long)t.lease_ops);
 }
 
-/* Creates the device, prints "<id> <path>" once /dev/ublkbN exists, serves
- * until SIGINT/SIGTERM or `ublk del`, calls before_free (if any: the last
- * moment request handles may still be used), then deletes the device. */
-static inline int example_run(const char *name, struct ublk_dev_config *cfg,
-                       const struct ublk_target_ops *ops, void *user,
-                       void (*before_free)(void *user))
+/* Starts `dev` (made by ublk_dev_new or ublk_dev_recover: r is that call's
+ * result), prints "<id> <path>" once /dev/ublkbN exists, serves until
+ * SIGINT/SIGTERM or `ublk del`, calls before_free (if any: the last moment
+ * request handles may still be used), then deletes the device. */
+static inline int example_serve(const char *name, ublk_dev *dev, int r, void *user,
+                                void (*before_free)(void *user))
 {
-    ublk_dev *dev = NULL;
     char msg[512];
-    int r = ublk_dev_new(cfg, ops, user, &dev);
     if (r == 0)
         r = ublk_dev_start(dev);
     if (r < 0) {
@@ -248,6 +269,16 @@ static inline int example_run(const char *name, struct ublk_dev_config *cfg,
         before_free(user);
     ublk_dev_free(dev);
     return r < 0;
+}
+
+/* Creates the device from cfg, then as example_serve. */
+static inline int example_run(const char *name, struct ublk_dev_config *cfg,
+                              const struct ublk_target_ops *ops, void *user,
+                              void (*before_free)(void *user))
+{
+    ublk_dev *dev = NULL;
+    int r = ublk_dev_new(cfg, ops, user, &dev);
+    return example_serve(name, dev, r, user, before_free);
 }
 
 #endif

@@ -1,4 +1,5 @@
-/* A RAM disk that completes every request inside the callback. */
+/* A RAM disk that completes every request inside the callback (with -b:
+ * the requests of a batch in one callback, completed by their results). */
 #include "common.h"
 #include <sys/mman.h>
 
@@ -7,36 +8,42 @@ struct ramdisk {
     uint64_t size;
 };
 
-static void handle_io(void *user, ublk_io *io)
+/* The result of one request, served from memory. */
+static int serve(struct ramdisk *rd, const struct ublk_io_desc *d, void *buf)
 {
-    struct ramdisk *rd = user;
-    uint64_t off = ublk_io_offset(io);
-    uint32_t len = ublk_io_len(io);
-    int res = 0;
-
-    if (off + len > rd->size) {
-        ublk_io_complete(io, -EIO);
-        return;
-    }
-    switch (ublk_io_op(io)) {
+    if (d->offset + d->len > rd->size)
+        return -EIO;
+    switch (d->op) {
     case UBLK_OP_READ:
-        memcpy(ublk_io_buf(io), rd->mem + off, len);
-        res = (int)len;
-        break;
+        memcpy(buf, rd->mem + d->offset, d->len);
+        return (int)d->len;
     case UBLK_OP_WRITE:
-        memcpy(rd->mem + off, ublk_io_buf(io), len);
-        res = (int)len;
-        break;
+        memcpy(rd->mem + d->offset, buf, d->len);
+        return (int)d->len;
     case UBLK_OP_FLUSH:
-        break;
+        return 0;
     case UBLK_OP_DISCARD:
     case UBLK_OP_WRITE_ZEROES:
-        memset(rd->mem + off, 0, len);
-        break;
-    default:
-        res = -EOPNOTSUPP;
+        memset(rd->mem + d->offset, 0, d->len);
+        return 0;
     }
-    ublk_io_complete(io, res);
+    return -EOPNOTSUPP;
+}
+
+static void handle_io(void *user, ublk_io *io)
+{
+    struct ublk_io_desc d;
+
+    ublk_io_get_desc(io, &d);
+    ublk_io_complete(io, serve(user, &d, ublk_io_buf(io)));
+}
+
+/* -b: the requests of one pass over the queue ring in one call; each result
+ * completes its request when this returns. */
+static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
+{
+    for (uint32_t i = 0; i < n; i++)
+        e[i].result = serve(user, &e[i].desc, e[i].buf);
 }
 
 int main(int argc, char **argv)
@@ -48,6 +55,10 @@ int main(int argc, char **argv)
     int r;
 
     example_parse(argc, argv, &o);
+    if (o.batch) {
+        ops.handle_io = NULL;
+        ops.handle_batch = handle_batch;
+    }
     rd.size = o.size;
     rd.mem = mmap(NULL, rd.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     /* small pages: random first writes would otherwise zero whole huge pages */

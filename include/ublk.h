@@ -74,6 +74,35 @@
 #define UBLK_DATA_COPY 4
 
 /**
+ * `ublk_io_batch_entry.result` as handed over: the request is not
+ * completed when `handle_batch` returns (the target completes it later, as
+ * after `handle_io`, unless it sets `result` or `lease_fd`).
+ */
+#define UBLK_BATCH_PENDING INT32_MIN
+
+/**
+ * `ublk_dev_config.recovery`: the device is stopped when its server dies.
+ */
+#define UBLK_RECOVERY_NONE 0
+
+/**
+ * The requests the dead server held are sent again to the next server; new
+ * IO waits for it.
+ */
+#define UBLK_RECOVERY_REISSUE 1
+
+/**
+ * While no server runs, all IO fails at once with an IO error (EIO or
+ * EREMOTEIO).
+ */
+#define UBLK_RECOVERY_FAIL 2
+
+/**
+ * The requests the dead server held fail; new IO waits for the next server.
+ */
+#define UBLK_RECOVERY_WAIT 3
+
+/**
  * A ublk device (opaque). Created by `ublk_dev_new`, freed by `ublk_dev_free`.
  */
 typedef struct ublk_dev ublk_dev;
@@ -175,14 +204,83 @@ typedef struct ublk_dev_config {
    */
   const char *target_name;
   /**
-   * Directory of the state file; NULL = "/run/ublk". Borrowed, as above.
+   * Directory of the state file; NULL = `$UBLK_STATE_DIR`, else
+   * "/run/ublk". Borrowed, as above.
    */
   const char *state_dir;
   /**
+   * What happens when the server dies: UBLK_RECOVERY_NONE (default: the
+   * device is stopped), _REISSUE, _FAIL or _WAIT (the device survives and
+   * a new process takes it over with `ublk_dev_recover`).
+   */
+  uint32_t recovery;
+  /**
+   * Must stay zero.
+   */
+  uint32_t reserved32;
+  /**
+   * The target's own arguments (free text, e.g. "file=/srv/disk.img"),
+   * recorded in the state file so that a recovering process can read them
+   * back (`ublk_dev_target_args`); NULL = none. Borrowed, as above.
+   */
+  const char *target_args;
+  /**
    * Must stay zero (room for future fields).
    */
-  uint64_t reserved[8];
+  uint64_t reserved[6];
 } ublk_dev_config;
+
+/**
+ * Everything `ublk_io_op`, `_flags`, `_offset`, `_len`, `_queue_id` and
+ * `_tag` tell, in one call (for bindings, where each call costs).
+ */
+typedef struct ublk_io_desc {
+  int32_t op;
+  uint32_t flags;
+  uint64_t offset;
+  uint32_t len;
+  uint16_t queue_id;
+  uint16_t tag;
+} ublk_io_desc;
+
+/**
+ * One request of a batch.
+ */
+typedef struct ublk_io_batch_entry {
+  /**
+   * The request's handle, as `handle_io` would get it.
+   */
+  struct ublk_io *io;
+  /**
+   * Its data buffer (`ublk_io_buf`): NULL for requests without data and
+   * outside UBLK_DATA_COPY.
+   */
+  void *buf;
+  /**
+   * Op, flags, offset, length, queue id, tag (`ublk_io_get_desc`).
+   */
+  struct ublk_io_desc desc;
+  /**
+   * In: UBLK_BATCH_PENDING. Set it to complete the request when
+   * `handle_batch` returns: bytes done (READ/WRITE), 0, or a negative
+   * errno (the rules of `ublk_io_complete`).
+   */
+  int32_t result;
+  /**
+   * In: -1. Set it (and `lease_file_off`) to lend the whole request to IO
+   * on this fd when `handle_batch` returns: a READ is filled from the fd,
+   * a WRITE written to it (FUA becomes RWF_DSYNC), zero copy where the data
+   * mode allows; the request completes when that is over, as with
+   * `ublk_io_lease_read` / `_write` of its whole range without a callback.
+   * Leave `result` at UBLK_BATCH_PENDING then. The fd must stay open until
+   * the request completes.
+   */
+  int32_t lease_fd;
+  /**
+   * File offset of the lease of `lease_fd`.
+   */
+  uint64_t lease_file_off;
+} ublk_io_batch_entry;
 
 /**
  * The callbacks of a target. Every callback gets the `user` pointer given to
@@ -190,7 +288,7 @@ typedef struct ublk_dev_config {
  */
 typedef struct ublk_target_ops {
   /**
-   * Required. One request arrived. Complete it with `ublk_io_complete()`,
+   * Required (unless `handle_batch` is set). One request arrived. Complete it with `ublk_io_complete()`,
    * now or later from any thread, or lend its buffer to IO on files and
    * sockets with `ublk_io_lease_read()` & co (it then completes when the
    * last lease operation is over). `io` stays valid until it is completed.
@@ -206,6 +304,18 @@ typedef struct ublk_target_ops {
    * Optional. Called on each queue's thread after it stopped serving.
    */
   void (*queue_deinit)(void *user, uint16_t queue_id, void *queue_data);
+  /**
+   * Optional; replaces `handle_io` when set. The requests that arrived in
+   * one pass over the queue ring, all in one call: `entries[0..n]` (n >=
+   * 1), each with its handle, buffer and description. For each, set
+   * `result` to complete it when this returns, or `lease_fd` to lend it
+   * whole to IO on a file, or leave both and deal with `io` as after
+   * `handle_io` (complete it later from any thread, lease operations with
+   * callbacks, backing IO). `entries` is the engine's and valid during the
+   * call only; the handles as in `handle_io`. For bindings where each call
+   * costs (Python); C targets gain little from it.
+   */
+  void (*handle_batch)(void *user, struct ublk_io_batch_entry *entries, uint32_t n);
 } ublk_target_ops;
 
 /**
@@ -225,6 +335,10 @@ typedef struct ublk_dev_info {
    */
   uint64_t flags;
   uint64_t size;
+  /**
+   * UBLK_RECOVERY_* policy of the device.
+   */
+  uint32_t recovery;
 } ublk_dev_info;
 
 /**
@@ -257,19 +371,6 @@ typedef struct ublk_queue_stats {
    */
   uint64_t lease_ops;
 } ublk_queue_stats;
-
-/**
- * Everything `ublk_io_op`, `_flags`, `_offset`, `_len`, `_queue_id` and
- * `_tag` tell, in one call (for bindings, where each call costs).
- */
-typedef struct ublk_io_desc {
-  int32_t op;
-  uint32_t flags;
-  uint64_t offset;
-  uint32_t len;
-  uint16_t queue_id;
-  uint16_t tag;
-} ublk_io_desc;
 
 /**
  * Completion callback of backing IO: `res` is the syscall-style result.
@@ -336,6 +437,42 @@ int ublk_dev_new(const struct ublk_dev_config *cfg,
                  struct ublk_dev **out);
 
 /**
+ * Takes over device `dev_id` after its server process died (even with
+ * `kill -9`): the device must have been created with a `recovery` policy.
+ * Its configuration comes from the state file written when it was created,
+ * in `state_dir` (NULL = `$UBLK_STATE_DIR`, else "/run/ublk"); read the
+ * target's own settings back with `ublk_dev_target_name` and
+ * `ublk_dev_target_args`. Then `ublk_dev_start` / `ublk_dev_serve` serve it
+ * again: the requests the kernel kept for it go to the new callbacks. Waits
+ * (at most the recorded timeout) for the old server to be gone.
+ *
+ * `ops`, `user` and `*out` as in `ublk_dev_new`. Errors: -ENOENT (no state
+ * file), -ENODEV (no such device, or it was stopped), -EINVAL (created
+ * without recovery), -EBUSY (a live server still serves it), -ETIMEDOUT.
+ * If the new server fails before it serves (or `ublk_dev_free` comes
+ * first), the device is left as it was, for another try. Any thread.
+ */
+int ublk_dev_recover(uint32_t dev_id,
+                     const char *state_dir,
+                     const struct ublk_target_ops *ops,
+                     void *user,
+                     struct ublk_dev **out);
+
+/**
+ * The target name the device was created with (`ublk_dev_config.target_name`),
+ * owned by `dev` and valid until `ublk_dev_free`; NULL for a NULL dev. Any thread.
+ */
+const char *ublk_dev_target_name(const struct ublk_dev *dev);
+
+/**
+ * The target arguments the device was created with
+ * (`ublk_dev_config.target_args`; after `ublk_dev_recover`: as recorded in
+ * its state file), owned by `dev` and valid until `ublk_dev_free`; NULL when
+ * there are none or for a NULL dev. Any thread.
+ */
+const char *ublk_dev_target_args(const struct ublk_dev *dev);
+
+/**
  * Starts serving in background threads (one per queue) and returns once
  * `/dev/ublkbN` exists. Callbacks run on those threads from now on.
  * Returns 0, -EALREADY if already started, or a negative errno.
@@ -365,8 +502,9 @@ int ublk_dev_wait(struct ublk_dev *dev, int timeout_ms);
 int ublk_dev_stop(struct ublk_dev *dev);
 
 /**
- * Stops (if serving) and deletes the device, then frees `dev`. NULL is a
- * no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
+ * Stops (if serving) and deletes the device, then frees `dev` (a device
+ * from `ublk_dev_recover` that never served is left for another try, not
+ * deleted). NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
  * a thread that is not a queue thread of this device, and not concurrently
  * with any other call on `dev`.
  */

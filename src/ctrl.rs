@@ -22,7 +22,15 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Ctrl {
     file: File,
     legacy: bool,
+    /// The device commands are for an unprivileged device: each one carries
+    /// the device's char path, which the kernel checks the caller may open.
+    unprivileged: bool,
 }
+
+/// Bytes the char-device path takes at the start of a command's buffer
+/// (unprivileged devices, GET_DEV_INFO2): the NUL-padded path, a multiple
+/// of 8 so that the payload after it stays aligned.
+const DEV_PATH_LEN: usize = 32;
 
 /// What a command carries in `ctrl_cmd.addr`.
 enum Payload<'a> {
@@ -42,7 +50,21 @@ impl Ctrl {
             };
             Error::from_io(e, format!("cannot open {CONTROL_PATH}{hint}"))
         })?;
-        Ok(Ctrl { file, legacy: false })
+        Ok(Ctrl { file, legacy: false, unprivileged: false })
+    }
+
+    /// Whether the device commands are for an unprivileged device
+    /// (`UBLK_F_UNPRIVILEGED_DEV`): they then carry its char path.
+    pub fn set_unprivileged(&mut self, on: bool) {
+        self.unprivileged = on;
+    }
+
+    /// Learns from the kernel whether `dev_id` is an unprivileged device, and
+    /// sends its commands accordingly from now on. Returns its info.
+    pub fn attach(&mut self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
+        let info = self.get_dev_info(dev_id)?;
+        self.unprivileged = info.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0;
+        Ok(info)
     }
 
     /// Sends one command and waits for its completion for at most `timeout`.
@@ -50,13 +72,21 @@ impl Ctrl {
     fn command(&self, name: &str, op: u32, mut cmd: ublksrv_ctrl_cmd, payload: Payload<'_>, timeout: Duration) -> Result<i32> {
         // The payload is copied into a heap buffer that is leaked if the command
         // cannot be confirmed finished: the kernel may still write to it.
-        let mut buf: Vec<u8> = match &payload {
-            Payload::None => Vec::new(),
-            Payload::In(b) => b.to_vec(),
-            Payload::Out(b) => vec![0u8; b.len()],
-        };
-        if let Payload::Out(b) = &payload {
-            buf.copy_from_slice(b);
+        // Device commands of unprivileged devices (and GET_DEV_INFO2) start
+        // it with the char-device path, checked by the kernel.
+        let with_path = op == sys::UBLK_U_CMD_GET_DEV_INFO2
+            || (self.unprivileged && op != sys::UBLK_U_CMD_ADD_DEV && op != sys::UBLK_U_CMD_GET_FEATURES);
+        let skip = if with_path { DEV_PATH_LEN } else { 0 };
+        let mut buf = vec![0u8; skip];
+        if with_path {
+            let p = format!("/dev/ublkc{}", cmd.dev_id);
+            buf[..p.len()].copy_from_slice(p.as_bytes());
+            cmd.dev_path_len = DEV_PATH_LEN as u16;
+        }
+        match &payload {
+            Payload::None => {}
+            Payload::In(b) => buf.extend_from_slice(b),
+            Payload::Out(b) => buf.extend_from_slice(b),
         }
         if !buf.is_empty() {
             cmd.addr = buf.as_mut_ptr() as u64;
@@ -115,7 +145,7 @@ impl Ctrl {
             return Err(Error::new(-res, format!("{name} refused by the kernel")));
         }
         if let Payload::Out(b) = payload {
-            b.copy_from_slice(&buf);
+            b.copy_from_slice(&buf[skip..]);
         }
         Ok(res)
     }
@@ -179,10 +209,20 @@ impl Ctrl {
         Ok(p)
     }
 
-    /// `UBLK_U_CMD_GET_DEV_INFO`.
+    /// `UBLK_U_CMD_GET_DEV_INFO2`: the device info, for anyone who may
+    /// open `/dev/ublkcN` (root, or the owner of an unprivileged device).
+    /// Without that node in this mount namespace, `GET_DEV_INFO` (root only).
     pub fn get_dev_info(&self, dev_id: u32) -> Result<ublksrv_ctrl_dev_info> {
         let mut info = ublksrv_ctrl_dev_info::default();
-        self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(dev_id), Payload::Out(as_bytes_mut(&mut info)), DEFAULT_TIMEOUT)?;
+        let r = self.command("GET_DEV_INFO2", sys::UBLK_U_CMD_GET_DEV_INFO2, Self::dev_cmd(dev_id), Payload::Out(as_bytes_mut(&mut info)), DEFAULT_TIMEOUT);
+        match r {
+            Err(e) if e.errno() == libc::ENOENT && !self.unprivileged => {
+                self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(dev_id), Payload::Out(as_bytes_mut(&mut info)), DEFAULT_TIMEOUT)?;
+            }
+            r => {
+                r?;
+            }
+        }
         Ok(info)
     }
 

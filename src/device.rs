@@ -1,13 +1,14 @@
 //! Device lifecycle: add → params → queues fetching → start → serve → stop → delete.
 
-use crate::ctrl::{Ctrl, DEFAULT_TIMEOUT};
+use crate::ctrl::Ctrl;
 use crate::error::{Error, Result};
 use crate::io::QueueShared;
-use crate::mode::{DataMode, ZeroCopy, MODE_FLAGS};
+use crate::config::DeviceConfig;
+use crate::mode::DataMode;
 use crate::queue::{Queue, QueueSetup};
-use crate::state::{StateFile, DEFAULT_STATE_DIR};
+use crate::state::StateFile;
 use crate::stats::QueueStatsSnapshot;
-use crate::sys::{self, ublk_params, ublksrv_ctrl_dev_info};
+use crate::sys::{self, ublksrv_ctrl_dev_info};
 use crate::target::TargetFactory;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::fs::{File, OpenOptions};
@@ -16,169 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Discard / write-zeroes support advertised to the block layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiscardLimits {
-    pub granularity: u32,
-    pub max_discard_sectors: u32,
-    pub max_write_zeroes_sectors: u32,
-}
-
-impl Default for DiscardLimits {
-    fn default() -> Self {
-        DiscardLimits { granularity: 4096, max_discard_sectors: 1 << 21, max_write_zeroes_sectors: 1 << 21 }
-    }
-}
-
-/// Everything needed to create a device. Start from `Default` and set fields.
-#[derive(Debug, Clone)]
-pub struct DeviceConfig {
-    /// Device id to ask for; `None` lets the kernel pick.
-    pub dev_id: Option<u32>,
-    /// Size in bytes (a multiple of the logical block size).
-    pub size: u64,
-    pub logical_block_size: u32,
-    pub physical_block_size: u32,
-    /// Number of queues (1..=4096; the kernel caps it at the CPU count).
-    pub queues: u16,
-    /// Requests in flight per queue (1..=4096).
-    pub depth: u16,
-    /// Largest request in bytes (4 KiB..=32 MiB, rounded down to pages).
-    pub max_io_bytes: u32,
-    pub read_only: bool,
-    pub rotational: bool,
-    /// The device has a volatile cache: FLUSH and FUA writes are sent.
-    pub volatile_cache: bool,
-    /// Discard / write-zeroes support.
-    pub discard: Option<DiscardLimits>,
-    /// How request data moves (see [`ZeroCopy`]); `Auto` takes the best the
-    /// kernel offers. The mode chosen is [`Device::data_mode`].
-    pub zero_copy: ZeroCopy,
-    /// The target reads and writes request data in memory (`Io::buf`): only
-    /// copy mode gives it that, so `Auto` resolves to copy and the other
-    /// modes are refused.
-    pub needs_buffer: bool,
-    /// Extra `UBLK_F_*` bits to request; refused if the kernel lacks them.
-    /// The data-mode bits are chosen through `zero_copy`, not here.
-    pub flags: u64,
-    /// Target name, recorded in the state file (`ublk list` shows it).
-    pub target_name: String,
-    /// Extra `key=value` pairs recorded in the state file.
-    pub target_args: Vec<(String, String)>,
-    /// Where the state file goes.
-    pub state_dir: PathBuf,
-    /// Bound on each wait for the kernel (START, STOP, DEL, device nodes).
-    pub timeout: Duration,
-}
-
-impl Default for DeviceConfig {
-    fn default() -> Self {
-        DeviceConfig {
-            dev_id: None,
-            size: 0,
-            logical_block_size: 512,
-            physical_block_size: 4096,
-            queues: 1,
-            depth: 128,
-            max_io_bytes: 512 << 10,
-            read_only: false,
-            rotational: false,
-            volatile_cache: false,
-            discard: None,
-            zero_copy: ZeroCopy::Auto,
-            needs_buffer: false,
-            flags: 0,
-            target_name: "custom".into(),
-            target_args: Vec::new(),
-            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
-            timeout: DEFAULT_TIMEOUT,
-        }
-    }
-}
-
-fn shift_of(v: u32, what: &str) -> Result<u8> {
-    if !v.is_power_of_two() {
-        return Err(Error::inval(format!("{what} {v} is not a power of two")));
-    }
-    Ok(v.trailing_zeros() as u8)
-}
-
-impl DeviceConfig {
-    /// Checks the configuration; every refusal says what is wrong.
-    pub fn validate(&self) -> Result<()> {
-        let page = crate::buf::page_size() as u32;
-        let lbs = shift_of(self.logical_block_size, "logical block size")?;
-        let pbs = shift_of(self.physical_block_size, "physical block size")?;
-        if !(9..=page.trailing_zeros() as u8).contains(&lbs) {
-            return Err(Error::inval(format!("logical block size {} must be 512..={page}", self.logical_block_size)));
-        }
-        if pbs < lbs || pbs > 20 {
-            return Err(Error::inval(format!(
-                "physical block size {} must be >= the logical block size {} and <= 1 MiB",
-                self.physical_block_size, self.logical_block_size
-            )));
-        }
-        if self.size == 0 {
-            return Err(Error::inval("device size must not be zero"));
-        }
-        if self.size % self.logical_block_size as u64 != 0 {
-            return Err(Error::inval(format!("device size {} is not a multiple of the logical block size {}", self.size, self.logical_block_size)));
-        }
-        if self.queues == 0 || self.queues as u32 > sys::UBLK_MAX_NR_QUEUES {
-            return Err(Error::inval(format!("queue count {} must be 1..={}", self.queues, sys::UBLK_MAX_NR_QUEUES)));
-        }
-        if self.depth == 0 || self.depth as u32 > sys::UBLK_MAX_QUEUE_DEPTH {
-            return Err(Error::inval(format!("queue depth {} must be 1..={}", self.depth, sys::UBLK_MAX_QUEUE_DEPTH)));
-        }
-        if self.max_io_bytes < page || self.max_io_bytes > 1 << sys::UBLK_IO_BUF_BITS {
-            return Err(Error::inval(format!("max IO size {} must be {page}..={}", self.max_io_bytes, 1u32 << sys::UBLK_IO_BUF_BITS)));
-        }
-        if let Some(d) = &self.discard {
-            if d.granularity == 0 || !d.granularity.is_power_of_two() {
-                return Err(Error::inval(format!("discard granularity {} must be a power of two", d.granularity)));
-            }
-        }
-        if self.timeout.is_zero() {
-            return Err(Error::inval("timeout must not be zero"));
-        }
-        if self.flags & MODE_FLAGS != 0 {
-            return Err(Error::inval(format!(
-                "flags {}: the data mode is chosen with zero_copy, not with UBLK_F_* bits",
-                feature_names(self.flags & MODE_FLAGS).join(", ")
-            )));
-        }
-        Ok(())
-    }
-
-    fn params(&self, max_io_bytes: u32) -> ublk_params {
-        let mut p = ublk_params { types: sys::UBLK_PARAM_TYPE_BASIC, ..Default::default() };
-        let b = &mut p.basic;
-        if self.read_only {
-            b.attrs |= sys::UBLK_ATTR_READ_ONLY;
-        }
-        if self.rotational {
-            b.attrs |= sys::UBLK_ATTR_ROTATIONAL;
-        }
-        if self.volatile_cache {
-            b.attrs |= sys::UBLK_ATTR_VOLATILE_CACHE | sys::UBLK_ATTR_FUA;
-        }
-        b.logical_bs_shift = self.logical_block_size.trailing_zeros() as u8;
-        b.physical_bs_shift = self.physical_block_size.trailing_zeros() as u8;
-        b.io_min_shift = b.physical_bs_shift;
-        b.io_opt_shift = b.physical_bs_shift;
-        b.max_sectors = max_io_bytes >> 9;
-        b.dev_sectors = self.size >> 9;
-        if let Some(d) = &self.discard {
-            p.types |= sys::UBLK_PARAM_TYPE_DISCARD;
-            p.discard.discard_granularity = d.granularity;
-            p.discard.max_discard_sectors = d.max_discard_sectors;
-            p.discard.max_write_zeroes_sectors = d.max_write_zeroes_sectors;
-            p.discard.max_discard_segments = 1;
-        }
-        p
-    }
-}
 
 /// How request data reaches the server, from the device's `UBLK_F_*` bits.
 pub fn data_mode_name(flags: u64) -> &'static str {
@@ -227,10 +65,35 @@ fn wait_node(path: &Path, sysfs_dev: &str, char_dev: bool, timeout: Duration) ->
     }
 }
 
+/// Whether this process lacks CAP_SYS_ADMIN (ublk then lets it create only
+/// unprivileged devices, and manage only those).
+pub(crate) fn lacks_cap_sys_admin() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok());
+    // SAFETY: geteuid has no preconditions.
+    eff.map_or(unsafe { libc::geteuid() } != 0, |c| c & (1 << CAP_SYS_ADMIN) == 0)
+}
+
+/// Opens `/dev/ublkcN`, retrying until `deadline` while udev sets its
+/// permissions or (recovery) the old server's open is being released.
+fn open_char(path: &Path, deadline: Instant) -> Result<File> {
+    loop {
+        match OpenOptions::new().read(true).write(true).open(path) {
+            Ok(f) => return Ok(f),
+            Err(e) if Instant::now() < deadline && matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::ENOENT) | Some(libc::EBUSY)) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => return Err(Error::from_io(e, format!("cannot open {}", path.display()))),
+        }
+    }
+}
+
 /// Stops a device from any thread (a signal handler thread, a supervisor).
 #[derive(Clone)]
 pub struct StopHandle {
     dev_id: u32,
+    unprivileged: bool,
     force_exit: Arc<AtomicBool>,
     shared: Arc<parking_lot::Mutex<Vec<Arc<QueueShared>>>>,
     timeout: Duration,
@@ -239,7 +102,10 @@ pub struct StopHandle {
 impl StopHandle {
     /// Sends STOP_DEV; pending requests are aborted and the queues wind down.
     pub fn stop(&self) -> Result<()> {
-        let r = Ctrl::open().and_then(|c| c.stop_dev(self.dev_id, self.timeout));
+        let r = Ctrl::open().and_then(|mut c| {
+            c.set_unprivileged(self.unprivileged);
+            c.stop_dev(self.dev_id, self.timeout)
+        });
         if r.is_err() {
             self.force();
         }
@@ -273,18 +139,29 @@ pub struct Device {
     exits: Option<Receiver<(u16, Result<()>)>>,
     running: usize,
     threads: Vec<std::thread::JoinHandle<()>>,
+    /// Made by [`Device::recover`] and not serving yet: `start` ends the
+    /// recovery, and a failure before that leaves the device to a later try
+    /// instead of deleting it.
+    recovering: bool,
 }
 
 impl Device {
     /// ADD_DEV, open `/dev/ublkcN`, SET_PARAMS, write the state file.
-    pub fn new(cfg: DeviceConfig) -> Result<Device> {
+    /// A process without CAP_SYS_ADMIN makes an unprivileged device
+    /// (`UBLK_F_UNPRIVILEGED_DEV`, set here): it belongs to the caller's uid
+    /// and gid, runs in copy mode and has no recovery.
+    pub fn new(mut cfg: DeviceConfig) -> Result<Device> {
+        if lacks_cap_sys_admin() {
+            cfg.flags |= sys::UBLK_F_UNPRIVILEGED_DEV;
+        }
         cfg.validate()?;
         let mut ctrl = Ctrl::open()?;
         let features = ctrl.get_features()?;
         let unprivileged = cfg.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0;
         let mode = crate::mode::resolve(cfg.zero_copy, features, cfg.needs_buffer, unprivileged)?;
-        let want_flags = cfg.flags | mode.flags(features);
-        let missing = cfg.flags & !features;
+        let asked = cfg.flags | cfg.recovery.flags();
+        let want_flags = asked | mode.flags(features);
+        let missing = asked & !features;
         if missing != 0 {
             return Err(Error::new(
                 libc::EOPNOTSUPP,
@@ -301,13 +178,33 @@ impl Device {
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
-        let mut dev = Device {
+        // the kernel drops UNPRIVILEGED_DEV for a CAP_SYS_ADMIN caller
+        let unprivileged = info.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0;
+        ctrl.set_unprivileged(unprivileged);
+        let mut dev = Device::assemble(ctrl, info, features, mode, cfg, false);
+        // From here on, Drop deletes the device if anything fails.
+        let dropped = want_flags & !info.flags & !sys::UBLK_F_UNPRIVILEGED_DEV;
+        if dropped != 0 {
+            return Err(Error::new(libc::EOPNOTSUPP, format!("the kernel refused ublk features {}", feature_names(dropped).join(", "))));
+        }
+        let char_path = dev.char_path();
+        wait_node(&char_path, &format!("/sys/class/ublk-char/ublkc{}/dev", info.dev_id), true, dev.cfg.timeout)?;
+        dev.char_file = Some(open_char(&char_path, Instant::now() + dev.cfg.timeout)?);
+        dev.ctrl.set_params(info.dev_id, &dev.cfg.params(info.max_io_buf_bytes))?;
+        dev.write_state()?;
+        Ok(dev)
+    }
+
+    /// A device known to the kernel as `info`, not serving yet.
+    fn assemble(ctrl: Ctrl, info: ublksrv_ctrl_dev_info, features: u64, mode: DataMode, cfg: DeviceConfig, recovering: bool) -> Device {
+        Device {
             ctrl,
             info,
             features,
             mode,
             stop: StopHandle {
                 dev_id: info.dev_id,
+                unprivileged: info.flags & sys::UBLK_F_UNPRIVILEGED_DEV != 0,
                 force_exit: Arc::new(AtomicBool::new(false)),
                 shared: Default::default(),
                 timeout: cfg.timeout,
@@ -317,40 +214,97 @@ impl Device {
             exits: None,
             running: 0,
             threads: Vec::new(),
-        };
-        // From here on, Drop deletes the device if anything fails.
-        let dropped = want_flags & !info.flags;
-        if dropped != 0 {
-            return Err(Error::new(libc::EOPNOTSUPP, format!("the kernel refused ublk features {}", feature_names(dropped).join(", "))));
+            recovering,
         }
-        let char_path = dev.char_path();
-        wait_node(&char_path, &format!("/sys/class/ublk-char/ublkc{}/dev", info.dev_id), true, dev.cfg.timeout)?;
-        let deadline = Instant::now() + dev.cfg.timeout;
-        let file = loop {
-            match OpenOptions::new().read(true).write(true).open(&char_path) {
-                Ok(f) => break f,
-                // udev may still be setting permissions
-                Err(e) if Instant::now() < deadline && matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::ENOENT) | Some(libc::EBUSY)) => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => return Err(Error::from_io(e, format!("cannot open {}", char_path.display()))),
-            }
-        };
-        dev.char_file = Some(file);
-        dev.ctrl.set_params(info.dev_id, &dev.cfg.params(info.max_io_buf_bytes))?;
-        dev.write_state()?;
-        Ok(dev)
     }
 
+    /// Writes the state file: the serving pid, the data mode and the whole
+    /// configuration (what `recover` needs), atomically.
     fn write_state(&self) -> Result<()> {
         let mut s = StateFile::default();
-        s.set("target", self.cfg.target_name.clone());
         s.set("pid", std::process::id().to_string());
         s.set("mode", data_mode_name(self.info.flags));
-        for (k, v) in &self.cfg.target_args {
-            s.set(k, v.clone());
-        }
+        self.cfg.to_state(&mut s);
         s.store(&self.cfg.state_dir, self.info.dev_id)
+    }
+
+    /// Takes over device `dev_id` after its server died: its configuration
+    /// comes from the state file in `state_dir` (written when it was added),
+    /// and [`Device::start`] then serves it again (START_USER_RECOVERY, new
+    /// queues, END_USER_RECOVERY). Until `start`, nothing is sent to the
+    /// kernel: dropping the Device then leaves the device as it was. The device must have been
+    /// added with a [`Recovery`] policy; waits (at most the configured
+    /// timeout) for the old server to be gone. Errors: ENOENT (no state
+    /// file), ENODEV (no such device), EINVAL (not added with recovery),
+    /// EBUSY (a live server still serves it), ETIMEDOUT. A failure leaves the
+    /// device as it was, for another try or `ublk del`.
+    pub fn recover(dev_id: u32, state_dir: &Path) -> Result<Device> {
+        let state = StateFile::load(state_dir, dev_id)
+            .map_err(|e| e.context(format!("device {dev_id} cannot be recovered without its state file")))?;
+        let mut cfg = DeviceConfig::from_state(&state)?;
+        cfg.dev_id = Some(dev_id);
+        cfg.state_dir = state_dir.to_path_buf();
+        let mut ctrl = Ctrl::open()?;
+        let features = ctrl.get_features()?;
+        let deadline = Instant::now() + cfg.timeout;
+        // The kernel quiesces the device once the old server's char fd is
+        // released (the process fully exited).
+        let info = loop {
+            let info = ctrl.get_dev_info(dev_id).map_err(|e| e.context(format!("device {dev_id}")))?;
+            if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
+                return Err(Error::inval(format!("device {dev_id} was not added with recovery (--recovery): it cannot be recovered")));
+            }
+            match info.state {
+                sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => break info,
+                sys::UBLK_S_DEV_DEAD => {
+                    return Err(Error::new(libc::ENODEV, format!("device {dev_id} is stopped (DEAD): nothing to recover; delete it")))
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(Error::new(
+                        libc::EBUSY,
+                        format!("device {dev_id} is still served by pid {} (state LIVE): stop that server first", info.ublksrv_pid),
+                    ))
+                }
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let mode = DataMode::from_flags(info.flags);
+        if cfg.needs_buffer && mode != DataMode::Copy {
+            return Err(Error::inval(format!("device {dev_id} runs in {} mode: this target needs copy mode", mode.name())));
+        }
+        // START_USER_RECOVERY and the char device wait for `start`: a
+        // Device dropped before then leaves the kernel untouched (some
+        // kernels, 6.12, refuse a second START_USER_RECOVERY after an
+        // abandoned one).
+        Ok(Device::assemble(ctrl, info, features, mode, cfg, true))
+    }
+
+    /// The kernel half of a recovery, when it starts serving:
+    /// START_USER_RECOVERY (EBUSY until the old server has released
+    /// /dev/ublkcN), then our own open of /dev/ublkcN.
+    fn begin_recovery(&mut self) -> Result<()> {
+        let dev_id = self.info.dev_id;
+        let deadline = Instant::now() + self.cfg.timeout;
+        loop {
+            match self.ctrl.start_user_recovery(dev_id) {
+                Ok(()) => break,
+                Err(e) if e.errno() == libc::EBUSY && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(e.context(format!("device {dev_id}"))),
+            }
+        }
+        self.char_file = Some(open_char(&self.char_path(), deadline)?);
+        Ok(())
+    }
+
+    /// The configuration the device was made with (after [`Device::recover`]:
+    /// the one read from its state file, target arguments included).
+    pub fn config(&self) -> &DeviceConfig {
+        &self.cfg
+    }
+
+    /// Whether the device was made by [`Device::recover`] and not started yet.
+    pub fn is_recovering(&self) -> bool {
+        self.recovering
     }
 
     pub fn id(&self) -> u32 {
@@ -394,6 +348,9 @@ impl Device {
     pub fn start(&mut self, factory: TargetFactory) -> Result<()> {
         if self.exits.is_some() {
             return Err(Error::new(libc::EALREADY, "device already started"));
+        }
+        if self.recovering && self.char_file.is_none() {
+            self.begin_recovery()?;
         }
         let char_fd = self.char_file.as_ref().map(|f| f.as_raw_fd()).ok_or_else(|| Error::new(libc::EBADF, "device has no char fd"))?;
         let (ready_tx, ready_rx) = crossbeam_channel::unbounded();
@@ -455,9 +412,24 @@ impl Device {
             self.stop.force();
             return Err(e);
         }
-        if let Err(e) = self.ctrl.start_dev(self.info.dev_id, std::process::id() as i32, self.cfg.timeout) {
+        let pid = std::process::id() as i32;
+        let r = if self.recovering {
+            self.ctrl.end_user_recovery(self.info.dev_id, pid, self.cfg.timeout)
+        } else {
+            self.ctrl.start_dev(self.info.dev_id, pid, self.cfg.timeout)
+        };
+        if let Err(e) = r {
             self.stop.force();
             return Err(e);
+        }
+        if self.recovering {
+            self.recovering = false;
+            self.info.state = sys::UBLK_S_DEV_LIVE;
+            self.info.ublksrv_pid = pid;
+            // the new pid; the device serves even if this fails
+            if let Err(e) = self.write_state() {
+                eprintln!("ublk: device {}: {e}", self.info.dev_id);
+            }
         }
         wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout)
     }
@@ -545,6 +517,13 @@ impl Device {
             return stopped;
         }
         self.char_file = None;
+        if self.recovering {
+            // A recovery that did not get to serve: the device stays for
+            // another `recover` (or `ublk del`), with its state file.
+            self.info.dev_id = u32::MAX;
+            self.exits = None;
+            return stopped;
+        }
         StateFile::remove(&self.cfg.state_dir, self.info.dev_id);
         let del = match self.ctrl.del_dev(self.info.dev_id, self.cfg.timeout) {
             Err(e) if e.errno() == libc::ENODEV || e.errno() == libc::ENOENT => Ok(()),
@@ -566,12 +545,14 @@ impl Drop for Device {
     }
 }
 
-/// Deletes a device by id (any owner), waiting at most `timeout`.
+/// Deletes a device by id (root: any device; others: their own unprivileged
+/// devices), waiting at most `timeout`.
 pub fn delete_device(dev_id: u32, timeout: Duration) -> Result<()> {
-    let ctrl = Ctrl::open()?;
+    let mut ctrl = Ctrl::open()?;
+    ctrl.attach(dev_id)?;
     let r = ctrl.del_dev(dev_id, timeout);
     if r.is_ok() {
-        StateFile::remove(Path::new(DEFAULT_STATE_DIR), dev_id);
+        StateFile::remove(&crate::state::default_dir(), dev_id);
     }
     r
 }

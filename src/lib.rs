@@ -31,6 +31,8 @@ macro_rules! on_fd {
 
 pub mod sys;
 mod buf;
+pub mod cli;
+mod config;
 pub mod ctrl;
 mod device;
 mod error;
@@ -46,7 +48,8 @@ mod stats;
 mod target;
 pub mod targets;
 
-pub use device::{data_mode_name, delete_device, feature_names, kernel_features, Device, DeviceConfig, DiscardLimits, StopHandle};
+pub use config::{DeviceConfig, DiscardLimits, Recovery};
+pub use device::{data_mode_name, delete_device, feature_names, kernel_features, Device, StopHandle};
 pub use error::{errno_name, strerror, Error, Result};
 pub use io::{Completion, Io, IoFlags, Op, Request};
 pub use lease::Lease;

@@ -422,6 +422,8 @@ impl Queue {
             for &(ud, res) in &cqes {
                 self.dispatch(ud, res);
             }
+            let mut ctx = QueueCtx { core: &mut self.core };
+            self.target.batch_end(&mut ctx);
         }
         self.disarm_wake();
         Ok(())

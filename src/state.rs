@@ -7,6 +7,27 @@ use std::path::{Path, PathBuf};
 
 pub const DEFAULT_STATE_DIR: &str = "/run/ublk";
 
+/// Where state files go unless a device's configuration says otherwise:
+/// `$UBLK_STATE_DIR` when set (and not empty), else [`DEFAULT_STATE_DIR`]
+/// for root; other users (unprivileged devices) get `$XDG_RUNTIME_DIR/ublk`,
+/// else `/tmp/ublk-<uid>`.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("UBLK_STATE_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => {
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            if uid == 0 {
+                return PathBuf::from(DEFAULT_STATE_DIR);
+            }
+            match std::env::var_os("XDG_RUNTIME_DIR") {
+                Some(d) if !d.is_empty() => PathBuf::from(d).join("ublk"),
+                _ => PathBuf::from(format!("/tmp/ublk-{uid}")),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateFile {
     pub entries: Vec<(String, String)>,
@@ -48,12 +69,27 @@ impl StateFile {
         Ok(Self::parse(&text))
     }
 
+    /// Writes the file atomically: a temporary file in the same directory,
+    /// flushed to disk, renamed over the old one. A crash leaves either the
+    /// old or the new file, never a torn one.
     pub fn store(&self, dir: &Path, dev_id: u32) -> Result<()> {
+        use std::io::Write;
         std::fs::create_dir_all(dir).map_err(|e| Error::from_io(e, format!("cannot create {}", dir.display())))?;
         let p = Self::path(dir, dev_id);
         let tmp = dir.join(format!(".{dev_id}.state.{}", std::process::id()));
-        std::fs::write(&tmp, self.render()).map_err(|e| Error::from_io(e, format!("cannot write {}", tmp.display())))?;
-        std::fs::rename(&tmp, &p).map_err(|e| Error::from_io(e, format!("cannot rename to {}", p.display())))
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(self.render().as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(e) = write() {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(Error::from_io(e, format!("cannot write {}", tmp.display())));
+        }
+        std::fs::rename(&tmp, &p).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Error::from_io(e, format!("cannot rename to {}", p.display()))
+        })
     }
 
     pub fn remove(dir: &Path, dev_id: u32) {
@@ -62,7 +98,7 @@ impl StateFile {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r")
 }
 
 fn unescape(v: &str) -> String {
@@ -72,6 +108,7 @@ fn unescape(v: &str) -> String {
         if c == '\\' {
             match it.next() {
                 Some('n') => out.push('\n'),
+                Some('r') => out.push('\r'),
                 Some(o) => out.push(o),
                 None => out.push('\\'),
             }
@@ -90,7 +127,7 @@ mod tests {
     fn round_trip() {
         let mut s = StateFile::default();
         s.set("target", "loop");
-        s.set("file", "/tmp/a=b\nc\\d");
+        s.set("file", "/tmp/a=b\nc\\d\r");
         s.set("target", "mem");
         let back = StateFile::parse(&s.render());
         assert_eq!(back, s);

@@ -41,6 +41,14 @@ pub trait Target {
     fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
         let _ = (ctx, tag, data, res);
     }
+
+    /// Called after each pass over the queue ring's completions (the
+    /// requests, backing and lease completions that arrived together), before
+    /// the queue waits again: a target that collects requests in
+    /// `handle_io` can act on them all at once here. The default does nothing.
+    fn batch_end(&mut self, ctx: &mut QueueCtx<'_>) {
+        let _ = ctx;
+    }
 }
 
 /// Makes the target object of each queue (called on the queue thread).

@@ -19,10 +19,16 @@ static void complete_with(void *user, ublk_io *io, int res)
     ublk_io_complete(io, res);
 }
 
+static const struct ublk_target_ops ops = { .handle_io = handle_io };
+
 int ublkgo_dev_new(const struct ublk_dev_config *cfg, uintptr_t handle, ublk_dev **out)
 {
-    static const struct ublk_target_ops ops = { .handle_io = handle_io };
     return ublk_dev_new(cfg, &ops, (void *)handle, out);
+}
+
+int ublkgo_dev_recover(uint32_t dev_id, const char *state_dir, uintptr_t handle, ublk_dev **out)
+{
+    return ublk_dev_recover(dev_id, state_dir, &ops, (void *)handle, out);
 }
 
 int ublkgo_lease(int kind, ublk_io *io, int fd, uint64_t file_off, uint32_t buf_off, uint32_t len,

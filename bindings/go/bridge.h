@@ -11,6 +11,8 @@ enum { UBLKGO_LEASE_READ, UBLKGO_LEASE_WRITE, UBLKGO_LEASE_SEND, UBLKGO_LEASE_RE
 
 /* ublk_dev_new with the bridge's ops; `handle` is the device's cgo.Handle. */
 int ublkgo_dev_new(const struct ublk_dev_config *cfg, uintptr_t handle, ublk_dev **out);
+/* ublk_dev_recover with the bridge's ops. */
+int ublkgo_dev_recover(uint32_t dev_id, const char *state_dir, uintptr_t handle, ublk_dev **out);
 
 /* A lease operation; `cb` is a cgo.Handle of the Go callback, or 0 for none
  * (the request then completes in aggregate). */

@@ -47,6 +47,43 @@ func ParseDataMode(s string) (DataMode, error) {
 	return 0, invalid("data mode %q: want one of %s", s, strings.Join(modeNames, ", "))
 }
 
+// Recovery is what happens to a device when its server process dies (even
+// with kill -9) without removing it (the kernel's UBLK_F_USER_RECOVERY).
+type Recovery uint32
+
+const (
+	// RecoveryNone: the kernel stops the device; it is gone (default).
+	RecoveryNone Recovery = C.UBLK_RECOVERY_NONE
+	// RecoveryReissue: the device waits for a new server (Recover); the
+	// requests the dead server held are sent again to it, new IO waits.
+	RecoveryReissue Recovery = C.UBLK_RECOVERY_REISSUE
+	// RecoveryFail: while no server runs, all IO fails with EIO at once
+	// (Linux 6.13+); Recover serves the device again.
+	RecoveryFail Recovery = C.UBLK_RECOVERY_FAIL
+	// RecoveryWait: the requests the dead server held fail, new IO waits for
+	// the next server (Recover).
+	RecoveryWait Recovery = C.UBLK_RECOVERY_WAIT
+)
+
+var recoveryNames = []string{"none", "reissue", "fail", "wait"}
+
+func (r Recovery) String() string {
+	if int(r) < len(recoveryNames) {
+		return recoveryNames[r]
+	}
+	return fmt.Sprintf("Recovery(%d)", uint32(r))
+}
+
+// ParseRecovery parses "none", "reissue", "fail" or "wait".
+func ParseRecovery(s string) (Recovery, error) {
+	for i, n := range recoveryNames {
+		if s == n {
+			return Recovery(i), nil
+		}
+	}
+	return 0, invalid("recovery policy %q: want one of %s", s, strings.Join(recoveryNames, ", "))
+}
+
 // Config describes a device. Size is required; zero values take the defaults.
 type Config struct {
 	Size              int64 // bytes, a multiple of LogicalBlockSize (required)
@@ -82,9 +119,19 @@ type Config struct {
 	Async bool
 
 	Name     string        // target name shown by `ublk list` (default "go")
-	StateDir string        // directory of the state file (default /run/ublk)
+	StateDir string        // directory of the state file (default $UBLK_STATE_DIR, else /run/ublk)
 	Timeout  time.Duration // bound on every wait for the kernel (default 30 s)
 	Flags    uint64        // extra UBLK_F_* bits (not the data-mode bits)
+
+	// Recovery: what happens if this process dies without closing the
+	// device. RecoveryNone (default): the kernel stops it. With another
+	// policy the device survives, and a new process takes it over with
+	// Recover; the configuration is recorded in the state file in StateDir.
+	Recovery Recovery
+	// TargetArgs: free text recorded in the state file (e.g.
+	// "file=/srv/disk.img") for the process that recovers the device
+	// (Device.TargetArgs). Optional.
+	TargetArgs string
 
 	// OnError gets backend errors (*IOError) and recovered panics
 	// (*PanicError) while serving, from any goroutine; nil logs them with
@@ -146,6 +193,15 @@ func (cfg *Config) cConfig(c *C.struct_ublk_dev_config) error {
 		return invalid("DataMode %d: unknown", uint32(cfg.DataMode))
 	}
 	c.data_mode = C.uint32_t(cfg.DataMode)
+	if int(cfg.Recovery) >= len(recoveryNames) {
+		return invalid("Recovery %d: unknown (want RecoveryNone, RecoveryReissue, RecoveryFail or RecoveryWait)", uint32(cfg.Recovery))
+	}
+	c.recovery = C.uint32_t(cfg.Recovery)
+	for _, s := range []struct{ name, v string }{{"Name", cfg.Name}, {"StateDir", cfg.StateDir}, {"TargetArgs", cfg.TargetArgs}} {
+		if strings.IndexByte(s.v, 0) >= 0 {
+			return invalid("%s %q: contains a NUL byte", s.name, s.v)
+		}
+	}
 	if cfg.Timeout < 0 || cfg.Timeout > time.Duration(1<<32-1)*time.Millisecond {
 		return invalid("Timeout %v: out of range", cfg.Timeout)
 	}

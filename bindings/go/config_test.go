@@ -41,6 +41,8 @@ func TestBadConfig(t *testing.T) {
 		{"max IO too large", Config{Size: 1 << 20, MaxIOBytes: 64 << 20}, mem, "max IO size"},
 		{"negative max IO", Config{Size: 1 << 20, MaxIOBytes: -1}, mem, "MaxIOBytes -1"},
 		{"unknown data mode", Config{Size: 1 << 20, DataMode: 9}, mem, "DataMode 9"},
+		{"unknown recovery policy", Config{Size: 1 << 20, Recovery: 4}, mem, "Recovery 4"},
+		{"NUL in TargetArgs", Config{Size: 1 << 20, TargetArgs: "file=a\x00b"}, mem, "TargetArgs"},
 		{"negative timeout", Config{Size: 1 << 20, Timeout: -1}, mem, "Timeout"},
 		{"negative id", Config{Size: 1 << 20, FixedID: true, ID: -3}, mem, "ID -3"},
 		{"data-mode flag bits", Config{Size: 1 << 20, Flags: 1 << 7}, mem, "data mode"},
@@ -89,6 +91,56 @@ func TestDataModes(t *testing.T) {
 	}
 	if DataUserCopy.String() != "user-copy" || DataMode(42).String() != "DataMode(42)" {
 		t.Errorf("names: %v %v", DataUserCopy, DataMode(42))
+	}
+}
+
+func TestRecoveryNames(t *testing.T) {
+	for _, r := range []Recovery{RecoveryNone, RecoveryReissue, RecoveryFail, RecoveryWait} {
+		p, err := ParseRecovery(r.String())
+		if err != nil || p != r {
+			t.Errorf("ParseRecovery(%q) = %v, %v", r.String(), p, err)
+		}
+	}
+	if _, err := ParseRecovery("later"); !errors.Is(err, syscall.EINVAL) || !strings.Contains(err.Error(), "reissue") {
+		t.Errorf("ParseRecovery(later): %v", err)
+	}
+	if RecoveryWait.String() != "wait" || Recovery(7).String() != "Recovery(7)" {
+		t.Errorf("names: %v %v", RecoveryWait, Recovery(7))
+	}
+}
+
+// Recover refuses before the kernel is asked: no backend, a bad state
+// directory, and a device without a state file (ENOENT, on any host).
+func TestRecoverErrors(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		name    string
+		backend any
+		opts    RecoverOptions
+		want    syscall.Errno
+		msg     string
+	}{
+		{"nil backend", nil, RecoverOptions{StateDir: dir}, syscall.EINVAL, "nil"},
+		{"backend without ReadAt or HandleIO", nothing{}, RecoverOptions{StateDir: dir}, syscall.EINVAL, "neither"},
+		{"NUL in StateDir", readerOnly{}, RecoverOptions{StateDir: "a\x00b"}, syscall.EINVAL, "StateDir"},
+		{"no state file", readerOnly{}, RecoverOptions{StateDir: dir}, syscall.ENOENT, "state file"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			prepared := false
+			c.opts.Prepare = func(*Device) error { prepared = true; return nil }
+			d, err := Recover(4242, c.backend, c.opts)
+			if err == nil {
+				d.Close()
+				t.Fatal("Recover succeeded")
+			}
+			var e *Error
+			if !errors.Is(err, c.want) || !errors.As(err, &e) || !strings.Contains(err.Error(), c.msg) {
+				t.Fatalf("error %q: want an *Error with %v mentioning %q", err, c.want, c.msg)
+			}
+			if prepared {
+				t.Error("Prepare ran although Recover failed")
+			}
+		})
 	}
 }
 

@@ -8,10 +8,12 @@ import "C"
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"runtime"
 	"runtime/cgo"
+	"strings"
 	"sync"
 	"syscall"
 	"unsafe"
@@ -60,6 +62,7 @@ type Info struct {
 	MaxIOBytes int
 	DataMode   DataMode // the mode in use (never DataAuto)
 	Flags      uint64   // UBLK_F_* bits negotiated with the kernel
+	Recovery   Recovery // what happens when the server dies
 }
 
 // QueueStats are one queue's counters.
@@ -87,6 +90,8 @@ type Device struct {
 	info    Info
 	path    string
 
+	targetName, targetArgs string
+
 	mu   sync.RWMutex // held (read) around calls that use dev; Close frees it under the write lock
 	dev  *C.ublk_dev  // nil once freed
 	last Stats        // the counters just before the device was freed
@@ -105,23 +110,137 @@ type Device struct {
 // methods are called with the request's data buffer in copy mode (see
 // Config.Async for where they run). Close the device when done.
 func New(cfg Config, backend any) (*Device, error) {
-	d := &Device{async: cfg.Async, onError: cfg.OnError, done: make(chan struct{}), closed: make(chan struct{})}
 	var c C.struct_ublk_dev_config
 	if err := cfg.cConfig(&c); err != nil {
 		return nil, err
 	}
+	d := newDevice(cfg.Async, cfg.OnError)
+	rw, err := d.bind(backend)
+	if err != nil {
+		return nil, err
+	}
+	if rw == nil { // a Handler
+		c.volatile_cache = 1
+	} else {
+		if rw.w == nil {
+			c.read_only = 1
+		}
+		c.volatile_cache = cbool(rw.flush != nil)
+		c.discard = cbool(rw.discard != nil || rw.zero != nil || cfg.Discard)
+		if cfg.DataMode != DataAuto && cfg.DataMode != DataCopy {
+			return nil, invalid("DataMode %v: an io.ReaderAt backend reads and writes the data itself, which needs copy mode (DataAuto or DataCopy; for zero copy, implement Handler and use leases)", cfg.DataMode)
+		}
+		c.needs_buffer = 1
+	}
+	name := cfg.Name
+	if name == "" {
+		name = "go"
+	}
+	c.target_name = C.CString(name)
+	defer C.free(unsafe.Pointer(c.target_name))
+	c.state_dir = optCString(cfg.StateDir)
+	defer C.free(unsafe.Pointer(c.state_dir))
+	c.target_args = optCString(cfg.TargetArgs)
+	defer C.free(unsafe.Pointer(c.target_args))
+	err = d.open("new", rw != nil, nil, func(h C.uintptr_t, out **C.ublk_dev) C.int {
+		return C.ublkgo_dev_new(&c, h, out)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// NewContext is New, and cancelling ctx stops the device and removes it (as
+// Close; an error of that Close goes to Config.OnError).
+func NewContext(ctx context.Context, cfg Config, backend any) (*Device, error) {
+	d, err := New(cfg, backend)
+	if err != nil {
+		return nil, err
+	}
+	d.closeWhenDone(ctx)
+	return d, nil
+}
+
+// RecoverOptions are Recover's settings; the device's own configuration
+// (size, queues, data mode, target name and arguments…) is the one recorded
+// in its state file when it was created.
+type RecoverOptions struct {
+	// StateDir: the directory of the device's state file, as in
+	// Config.StateDir ("": $UBLK_STATE_DIR, else /run/ublk).
+	StateDir string
+	// Async and OnError: as in Config.
+	Async   bool
+	OnError func(error)
+	// Prepare, if set, runs once the device is taken over and before it
+	// serves again: Info, TargetName and TargetArgs are valid, so it can
+	// set up the backend from them (e.g. open the file TargetArgs names).
+	// An error (returned by Recover as it is) gives the takeover up: the
+	// device stays as it was, for another try. It must not call Stop or
+	// Close.
+	Prepare func(d *Device) error
+}
+
+// Recover takes over device id after its server process died (even with
+// kill -9): the device must have been created with a Config.Recovery policy
+// (by New, libublk's C API or `ublk add --recovery`). Its configuration comes
+// from its state file. backend is as for New, but the device keeps what it
+// was created with: an io.ReaderAt backend needs a device in copy mode (made
+// from an io.ReaderAt backend or with DataCopy), and without WriteAt its
+// writes fail with EROFS. Recover waits, up to the recorded Config.Timeout,
+// for the old server to be gone, and returns once the device serves again
+// (RecoveryReissue: the requests the dead server held go to backend); it is
+// then a Device like any other (Close removes it). Errors: ENOENT (no state
+// file), ENODEV (no such device, or it was stopped), EINVAL (created without
+// recovery, or a mode backend cannot serve), EBUSY (a live server still
+// serves it); the device is then left as it was, for another try.
+func Recover(id uint32, backend any, opts RecoverOptions) (*Device, error) {
+	d := newDevice(opts.Async, opts.OnError)
+	rw, err := d.bind(backend)
+	if err != nil {
+		return nil, err
+	}
+	if strings.IndexByte(opts.StateDir, 0) >= 0 {
+		return nil, invalid("StateDir %q: contains a NUL byte", opts.StateDir)
+	}
+	dir := optCString(opts.StateDir)
+	defer C.free(unsafe.Pointer(dir))
+	err = d.open("recover", rw != nil, opts.Prepare, func(h C.uintptr_t, out **C.ublk_dev) C.int {
+		return C.ublkgo_dev_recover(C.uint32_t(id), dir, h, out)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+// RecoverContext is Recover, and cancelling ctx stops the device and removes
+// it (as Close; an error of that Close goes to RecoverOptions.OnError).
+func RecoverContext(ctx context.Context, id uint32, backend any, opts RecoverOptions) (*Device, error) {
+	d, err := Recover(id, backend, opts)
+	if err != nil {
+		return nil, err
+	}
+	d.closeWhenDone(ctx)
+	return d, nil
+}
+
+func newDevice(async bool, onError func(error)) *Device {
+	return &Device{async: async, onError: onError, done: make(chan struct{}), closed: make(chan struct{})}
+}
+
+// bind makes backend serve d's requests: the *rwBackend of an io.ReaderAt
+// backend (whose capabilities shape a new device's config), nil for a Handler.
+func (d *Device) bind(backend any) (*rwBackend, error) {
 	switch b := backend.(type) {
 	case nil:
 		return nil, invalid("backend is nil")
 	case Handler:
 		d.serve = b.HandleIO
-		c.volatile_cache = 1
+		return nil, nil
 	case io.ReaderAt:
 		rw := &rwBackend{d: d, r: b}
 		rw.w, _ = backend.(io.WriterAt)
-		if rw.w == nil {
-			c.read_only = 1
-		}
 		if f, ok := backend.(Flusher); ok {
 			rw.flush = f.Flush
 		} else if f, ok := backend.(syncer); ok {
@@ -133,71 +252,83 @@ func New(cfg Config, backend any) (*Device, error) {
 		if f, ok := backend.(WriteZeroer); ok {
 			rw.zero = f.WriteZeroes
 		}
-		c.volatile_cache = cbool(rw.flush != nil)
-		c.discard = cbool(rw.discard != nil || rw.zero != nil || cfg.Discard)
-		if cfg.DataMode != DataAuto && cfg.DataMode != DataCopy {
-			return nil, invalid("DataMode %v: an io.ReaderAt backend reads and writes the data itself, which needs copy mode (DataAuto or DataCopy; for zero copy, implement Handler and use leases)", cfg.DataMode)
-		}
-		c.needs_buffer = 1
 		d.serve = rw.serve
-	default:
-		return nil, invalid("backend %T implements neither ublk.Handler nor io.ReaderAt", backend)
+		return rw, nil
 	}
-	name := cfg.Name
-	if name == "" {
-		name = "go"
-	}
-	c.target_name = C.CString(name)
-	defer C.free(unsafe.Pointer(c.target_name))
-	if cfg.StateDir != "" {
-		c.state_dir = C.CString(cfg.StateDir)
-		defer C.free(unsafe.Pointer(c.state_dir))
-	}
+	return nil, invalid("backend %T implements neither ublk.Handler nor io.ReaderAt", backend)
+}
 
+// open makes the C device with create (ublk_dev_new or ublk_dev_recover
+// through the bridge, given d's handle), reads its facts, runs prepare and
+// starts it. On any failure (or a panic in prepare) the C device is freed
+// again and the handle deleted.
+func (d *Device) open(op string, needsCopy bool, prepare func(*Device) error, create func(h C.uintptr_t, out **C.ublk_dev) C.int) error {
 	d.handle = cgo.NewHandle(d)
 	var dev *C.ublk_dev
-	if err := call("new", func() C.int { return C.ublkgo_dev_new(&c, C.uintptr_t(d.handle), &dev) }); err != nil {
+	if err := call(op, func() C.int { return create(C.uintptr_t(d.handle), &dev) }); err != nil {
 		d.handle.Delete()
-		return nil, err
+		return err
 	}
+	started := false
+	defer func() {
+		if !started {
+			d.dev = nil
+			C.ublk_dev_free(dev)
+			d.handle.Delete()
+		}
+	}()
 	var info C.struct_ublk_dev_info
 	C.ublk_dev_get_info(dev, &info)
 	d.info = Info{ID: int(info.dev_id), Size: int64(info.size), Queues: int(info.nr_queues), Depth: int(info.queue_depth),
-		MaxIOBytes: int(info.max_io_bytes), DataMode: DataMode(info.data_mode), Flags: uint64(info.flags)}
+		MaxIOBytes: int(info.max_io_bytes), DataMode: DataMode(info.data_mode), Flags: uint64(info.flags),
+		Recovery: Recovery(info.recovery)}
 	d.path = C.GoString(C.ublk_dev_path(dev))
-	d.dev = dev
-	if err := call("start", func() C.int { return C.ublk_dev_start(dev) }); err != nil {
-		d.dev = nil
-		C.ublk_dev_free(dev)
-		d.handle.Delete()
-		return nil, err
+	d.targetName = C.GoString(C.ublk_dev_target_name(dev))
+	if a := C.ublk_dev_target_args(dev); a != nil {
+		d.targetArgs = C.GoString(a)
 	}
+	d.dev = dev
+	if needsCopy && d.info.DataMode != DataCopy {
+		return &Error{Op: op, Errno: syscall.EINVAL, Detail: fmt.Sprintf("device %d runs in %v mode: an io.ReaderAt backend needs copy mode (a Handler with leases serves every mode)", d.info.ID, d.info.DataMode)}
+	}
+	if prepare != nil {
+		if err := prepare(d); err != nil {
+			return err
+		}
+	}
+	if err := call("start", func() C.int { return C.ublk_dev_start(dev) }); err != nil {
+		return err
+	}
+	started = true
 	go func() {
 		C.ublk_dev_wait(dev, -1) // until the queue threads have exited
 		close(d.done)
 	}()
-	return d, nil
+	return nil
 }
 
-// NewContext is New, and cancelling ctx stops the device and removes it (as
-// Close; an error of that Close goes to Config.OnError).
-func NewContext(ctx context.Context, cfg Config, backend any) (*Device, error) {
-	d, err := New(cfg, backend)
-	if err != nil {
-		return nil, err
+// closeWhenDone closes d (reporting Close's error) once ctx is done.
+func (d *Device) closeWhenDone(ctx context.Context) {
+	if ctx.Done() == nil {
+		return
 	}
-	if ctx.Done() != nil {
-		go func() {
-			select {
-			case <-ctx.Done():
-				if err := d.Close(); err != nil {
-					d.report(err)
-				}
-			case <-d.closed:
+	go func() {
+		select {
+		case <-ctx.Done():
+			if err := d.Close(); err != nil {
+				d.report(err)
 			}
-		}()
+		case <-d.closed:
+		}
+	}()
+}
+
+// optCString is a C copy of s (free it), NULL for "".
+func optCString(s string) *C.char {
+	if s == "" {
+		return nil
 	}
-	return d, nil
+	return C.CString(s)
 }
 
 // Path is the block device, "/dev/ublkbN".
@@ -208,6 +339,19 @@ func (d *Device) ID() int { return d.info.ID }
 
 // Info describes the device (size, queues, depth, data mode…).
 func (d *Device) Info() Info { return d.info }
+
+// Recovery is the device's recovery policy (Config.Recovery; after Recover,
+// the one it was created with).
+func (d *Device) Recovery() Recovery { return d.info.Recovery }
+
+// TargetName is the target name recorded for the device (Config.Name, "go"
+// by default; after Recover, the name it was created with).
+func (d *Device) TargetName() string { return d.targetName }
+
+// TargetArgs are the target arguments recorded for the device
+// (Config.TargetArgs; after Recover, as its state file holds them); "" when
+// none.
+func (d *Device) TargetArgs() string { return d.targetArgs }
 
 // Done is closed when the device has stopped serving: Stop, Close, context
 // cancellation, or `ublk del` from outside.
@@ -246,7 +390,9 @@ func (d *Device) Stop() error {
 // The kernel deletes the device once nobody has the block device open: Close
 // waits for that up to Config.Timeout; after that the deletion is given up
 // and the stopped device may remain until `ublk del` (libublk's
-// ublk_dev_free reports no error, so neither can Close).
+// ublk_dev_free reports no error, so neither can Close). A process that
+// dies without Close leaves a device with a Config.Recovery policy waiting
+// for Recover; without one the kernel stops it.
 func (d *Device) Close() error {
 	d.closeOnce.Do(func() {
 		d.closeErr = d.Stop()

@@ -225,6 +225,9 @@ func TestReadWrite(t *testing.T) {
 func TestHandlerCompletesLater(t *testing.T) {
 	const size = 16 << 20
 	store := make([]byte, size)
+	// udev's probe of the new device (reads at offset 0) may run alongside
+	// the test's writes there: a real overlap, harmless here but a data race
+	var storeMu sync.Mutex
 	var again atomic.Int64
 	// handler goroutines started and finished (second completion included)
 	var started, finished atomic.Int64
@@ -233,12 +236,14 @@ func TestHandlerCompletesLater(t *testing.T) {
 		go func() {
 			defer finished.Add(1)
 			time.Sleep(time.Duration(rand.Intn(300)) * time.Microsecond)
+			storeMu.Lock()
 			switch r.Op() {
 			case OpRead:
 				copy(r.Data(), store[r.Offset():])
 			case OpWrite:
 				copy(store[r.Offset():], r.Data())
 			}
+			storeMu.Unlock()
 			if err := r.Fail(nil); err != nil {
 				t.Errorf("complete %v: %v", r, err)
 			}

@@ -37,6 +37,9 @@
 // device when its context is cancelled; Serve blocks until the context is
 // done or the device is stopped from outside (`ublk del`), then closes it.
 //
+// A device created with a Config.Recovery policy outlives its process dying
+// (even kill -9): Recover in a new process takes it over.
+//
 // # cgo
 //
 // C never holds a Go pointer: the device is passed to libublk as the value of

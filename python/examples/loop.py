@@ -3,9 +3,16 @@
 lends the request's buffer to IO on the backing file (pyublk leases, zero
 copy where the kernel allows); Python only decides where it goes.
 
-    loop.py --file F [--queues 1] [--depth 64] [--zero-copy auto]
+    loop.py --file F [--queues 1] [--depth 64] [--zero-copy auto] [--recovery POLICY]
+    loop.py --recover ID
 
-Prints "<id> <path>" once the device exists, serves until SIGINT/SIGTERM."""
+--recovery reissue|fail|wait: the device survives this process dying (even
+kill -9); `loop.py --recover ID` in a new process serves it again, on the
+backing file recorded when it was created (target_args "file=<path>"; the
+device keeps its size, queues and data mode).
+
+Prints "<id> <path>" once the device exists (or is taken over), serves
+until SIGINT/SIGTERM, then deletes it."""
 
 import argparse
 import ctypes
@@ -21,11 +28,23 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 
 
 class Loop:
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int = -1):
         self.registered = set()  # queues whose ring has the file in its table
+        self.attach(fd)
+
+    def attach(self, fd: int) -> None:
+        """The backing file (before the device starts: after Device.recover
+        told us which file it is)."""
+        self.fd = fd
+        self.fixed_fds = (fd,) if fd >= 0 else ()  # pyublk registers it in each queue ring's file table
+
+    def route(self, op: str, offset: int, length: int):
+        """READ and WRITE (in batches): the engine lends the whole request to
+        the file at the same offset; no data and no per-request Io object."""
+        return self.fd, offset
 
     def handle(self, io: pyublk.Io) -> None:
+        """The other requests (FLUSH, DISCARD, WRITE_ZEROES)."""
         if io.queue_id not in self.registered:  # once per queue
             self.registered.add(io.queue_id)
             try:
@@ -46,24 +65,65 @@ class Loop:
             io.complete(-errno.EOPNOTSUPP)
 
 
+def open_backing(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_DIRECT)
+    except OSError:
+        return os.open(path, os.O_RDWR)
+
+
+def recover(dev_id: int, target: Loop) -> pyublk.Device:
+    """Takes over device `dev_id`; its backing file is the one recorded at creation."""
+    dev = pyublk.Device.recover(target, dev_id)
+    args = dev.target_args or ""
+    try:
+        if not args.startswith("file="):
+            raise ValueError(f"device {dev_id} was not made by loop.py (target args: {dev.target_args!r})")
+        path = args[len("file="):]
+        fd = open_backing(path)
+        if os.fstat(fd).st_size < dev.size:
+            os.close(fd)
+            raise ValueError(f"{path} is smaller than device {dev_id} ({dev.size} bytes)")
+    except (OSError, ValueError):
+        dev.close()  # it never served: the device waits for another try
+        raise
+    target.attach(fd)
+    return dev
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--file", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--file", help="backing file (a new device)")
+    which.add_argument("--recover", type=int, metavar="ID", help="take over device ID after its server died")
     p.add_argument("--queues", default=1, type=int)
     p.add_argument("--depth", default=64, type=int)
     p.add_argument("--zero-copy", default="auto")
+    p.add_argument("--recovery", choices=("none", "reissue", "fail", "wait"),
+                   help="crash recovery policy of a new device (default none)")
     a = p.parse_args()
+    target = Loop()
     try:
-        fd = os.open(a.file, os.O_RDWR | os.O_DIRECT)
-    except OSError:
-        fd = os.open(a.file, os.O_RDWR)
-    size = os.fstat(fd).st_size // 4096 * 4096
-    with pyublk.Device(Loop(fd), size=size, queues=a.queues, depth=a.depth, zero_copy=a.zero_copy,
-                       discard=True, name="py-loop") as dev:
+        if a.recover is not None:
+            if a.recovery:
+                p.error("--recovery is recorded at creation: not with --recover")
+            dev = recover(a.recover, target)
+        else:
+            fd = open_backing(a.file)
+            target.attach(fd)
+            size = os.fstat(fd).st_size // 4096 * 4096
+            dev = pyublk.Device(target, size=size, queues=a.queues, depth=a.depth, zero_copy=a.zero_copy,
+                                discard=True, name="py-loop", recovery=a.recovery or "none",
+                                target_args=f"file={os.path.realpath(a.file)}")
+    except (OSError, ValueError) as e:  # UblkError is an OSError
+        print(f"loop: {e}", file=sys.stderr)
+        return 1
+    with dev:
+        dev.start()  # the path exists (and a recovered device serves again) before we say so
         print(dev.id, dev.path, flush=True)
         dev.serve()
         print(f"loop: {dev.summary()}", file=sys.stderr)
-    os.close(fd)
+    os.close(target.fd)
     return 0
 
 

@@ -6,10 +6,12 @@ import ctypes
 import errno as _errno
 import itertools
 import logging
+import os
 import signal
 import threading
 from typing import Any, Callable, Optional
 
+from . import _batch
 from . import _lib as L
 
 log = logging.getLogger("pyublk")
@@ -21,6 +23,31 @@ _MODES = {
     "user-copy": L.UBLK_DATA_USER_COPY,
     "copy": L.UBLK_DATA_COPY,
 }
+
+
+_RECOVERY = {
+    "none": L.UBLK_RECOVERY_NONE,
+    "reissue": L.UBLK_RECOVERY_REISSUE,
+    "fail": L.UBLK_RECOVERY_FAIL,
+    "wait": L.UBLK_RECOVERY_WAIT,
+}
+_RECOVERY_NAMES = {v: k for k, v in _RECOVERY.items()}
+
+
+def _c_string(what: str, value: Optional[str]) -> Optional[bytes]:
+    """A str argument as the NUL-terminated bytes C wants (None stays None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str or None, not {type(value).__name__}")
+    b = value.encode()
+    if b"\0" in b:
+        raise ValueError(f"{what} contains a NUL character")
+    return b
+
+
+def _py_string(value: Optional[bytes]) -> Optional[str]:
+    return None if value is None else value.decode(errors="surrogateescape")
 
 
 _NULL_CB = L.BACKING_CB()  # a NULL callback: the request completes in aggregate
@@ -134,6 +161,23 @@ class Io:
         self._view: Optional[memoryview] = None
         self._done = False
 
+    @classmethod
+    def _from_fields(cls, dev: "Device", ptr: int, code: int, flags: int, offset: int, length: int,
+                     queue_id: int, tag: int) -> "Io":
+        """An Io from a batch entry's fields (no call into the library)."""
+        io = cls.__new__(cls)
+        io._dev = dev
+        io._ptr = ctypes.c_void_p(ptr)
+        io.op = Io._OPS.get(code) or f"op{code}"
+        io.offset = offset
+        io.length = length
+        io.flags = flags
+        io.tag = tag
+        io.queue_id = queue_id
+        io._view = None
+        io._done = False
+        return io
+
     @property
     def fua(self) -> bool:
         return bool(self.flags & L.UBLK_FLAG_FUA)
@@ -201,6 +245,20 @@ class Device:
     - `write(offset, data)`: store the memoryview `data`;
     - `flush()`, `discard(offset, length)`, `write_zeroes(offset, length)`.
 
+    A `handle` target may also define `route(op, offset, length)`, called
+    for "read" and "write" requests: it returns `(fd, file_offset)` and the
+    engine lends the whole request to IO on that file (zero copy where the
+    kernel allows; the request completes when the IO is over), or None to get
+    the request in `handle(io)`. Python only decides; the data never passes
+    through it. A target attribute `fixed_fds` (a sequence of fds) registers
+    those files in each queue ring's file table (`Io.register_fd`); it is
+    read when the device starts.
+
+    The simple methods and `route` are called in batches: one callback into
+    Python for all the requests of one pass over a queue ring, their results
+    handed back together (the cost of crossing into Python is paid once per
+    batch, not per request).
+
     Each returns None (success: the whole length) or a result (bytes done /
     negative errno). A missing method makes its op fail with EOPNOTSUPP (and
     FLUSH / DISCARD are only advertised when `flush` / `discard` exist, or
@@ -212,17 +270,33 @@ class Device:
         with pyublk.Device(MyTarget(), size=1 << 30, queues=2) as dev:
             print(dev.path)
             dev.serve()          # until SIGINT/SIGTERM or `ublk del`
+
+    Crash recovery: with `recovery="reissue"`, `"fail"` or `"wait"` the
+    device survives its server process dying (even `kill -9`), and
+    `Device.recover(target, dev_id)` in a new process takes it over (see
+    there). `target_args` is free text recorded with the device (its state
+    file) for that process to read back (`dev.target_args`), e.g. the path
+    of a backing file. The policies, while no server runs: "reissue" sends
+    the requests the dead server held to the next one and new IO waits;
+    "wait" fails the held requests and new IO waits; "fail" fails all IO
+    at once (the reader sees EIO or EREMOTEIO). "none" (default): the
+    device is stopped.
+
+    Attributes: `id`, `path`, `size`, `queues`, `depth`, `data_mode`,
+    `recovery` (policy name), `target_name`, `target_args` (str or None).
+
+    Lifetime: the Device owns the kernel device; `close()` (or leaving the
+    `with` block, or garbage collection) stops and deletes it. Keep the
+    Device object alive while it serves: its callbacks are referenced from C.
     """
 
     def __init__(self, target: Any, *, size: int, queues: int = 1, depth: int = 128,
                  logical_block_size: int = 512, max_io_size: int = 512 << 10, read_only: bool = False,
                  zero_copy: str = "auto", needs_buffer: Optional[bool] = None, discard: Optional[bool] = None,
-                 dev_id: Optional[int] = None, name: str = "python"):
-        has_handle = callable(getattr(target, "handle", None))
-        simple = {m for m in _SIMPLE if callable(getattr(target, m, None))}
-        if not has_handle and not simple:
-            raise TypeError(f"target {type(target).__name__!r} has neither handle(io) nor any of "
-                            f"{', '.join(_SIMPLE)}: it cannot serve a device")
+                 dev_id: Optional[int] = None, name: str = "python", recovery: str = "none",
+                 target_args: Optional[str] = None):
+        self._dev = ctypes.c_void_p()
+        has_handle, simple = self._setup(target)
         for k, v in (("size", size), ("queues", queues), ("depth", depth),
                      ("logical_block_size", logical_block_size), ("max_io_size", max_io_size)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -237,21 +311,11 @@ class Device:
             raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
         if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
             raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+        if not isinstance(recovery, str) or recovery not in _RECOVERY:
+            raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
+        args = _c_string("target_args", target_args)
         if needs_buffer is None:
             needs_buffer = bool(simple & {"read", "write"}) and not has_handle
-        self._target = target
-        self._handle = target.handle if has_handle else None
-        self._methods = {m: getattr(target, m) for m in simple}
-        self._pending: dict[int, tuple[Io, Callable]] = {}
-        self._keys = itertools.count(1)
-        self._lock = threading.Lock()
-        self._dev = ctypes.c_void_p()
-        self._started = False
-        self._get_desc = L.lib().ublk_io_get_desc
-        # the C side calls these: they must live as long as the device
-        self._handle_cb = L.HANDLE_IO(self._on_io)
-        self._backing_cb = L.BACKING_CB(self._on_backing)
-        self._ops = L.ublk_target_ops(handle_io=self._handle_cb)
 
         lib = L.lib()
         cfg = L.ublk_dev_config()
@@ -270,10 +334,90 @@ class Device:
         cfg.data_mode = _MODES[zero_copy]
         cfg.needs_buffer = int(needs_buffer)
         cfg.dev_id = -1 if dev_id is None else dev_id
-        self._name = name.encode()
-        cfg.target_name = self._name
+        cfg.target_name = _c_string("name", name)
+        cfg.recovery = _RECOVERY[recovery]
+        cfg.target_args = args
         _check(lib.ublk_dev_new(ctypes.byref(cfg), ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
                "ublk_dev_new")
+        self._load_info()
+
+    @classmethod
+    def recover(cls, target: Any, dev_id: int, *, state_dir: Optional[str] = None) -> "Device":
+        """Takes over device `dev_id` after its server process died (even
+        with `kill -9`); the device must have been created with a recovery
+        policy. Its configuration (size, queues, data mode, ...) comes from
+        the state file written when it was created, in `state_dir` (default:
+        `$UBLK_STATE_DIR`, else /run/ublk); `target_name` and `target_args`
+        give back what the creator recorded. Then `start()` / `serve()`
+        serve it as a new device: the requests the kernel kept for it (the
+        "reissue" policy) go to `target`, which follows the same rules as
+        for `Device(...)`. Target attributes read at start (`fixed_fds`) may
+        be set between `recover` and `start`: a target can open the files
+        `target_args` names then.
+
+        Blocks (without the GIL) until the old server is gone, at most the
+        recorded timeout. Raises UblkError: ENOENT (no state file), ENODEV
+        (no such device, or it was stopped), EINVAL (created without
+        recovery), EBUSY (a live server still serves it), ETIMEDOUT; and
+        ValueError when `target` has only simple methods but the device does
+        not run in copy mode.
+
+        The returned Device owns the device like one from `Device(...)`:
+        `close()` after it served stops and deletes it. Closing it before it
+        started leaves the device waiting for another `recover` (nothing
+        reaches the kernel before `start()`).
+        """
+        if not isinstance(dev_id, int) or isinstance(dev_id, bool) or not 0 <= dev_id < 1 << 32:
+            raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+        sdir = None if state_dir is None else os.fsencode(state_dir)
+        if sdir is not None and b"\0" in sdir:
+            raise ValueError("state_dir contains a NUL byte")
+        self = cls.__new__(cls)
+        self._dev = ctypes.c_void_p()
+        has_handle, simple = self._setup(target)
+        _check(L.lib().ublk_dev_recover(dev_id, sdir, ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
+               f"recover device {dev_id}")
+        self._load_info()
+        if not has_handle and simple & {"read", "write"} and self.data_mode != "copy":
+            self.close()  # it never served: the device is left for another try
+            raise ValueError(f"device {dev_id} runs in data mode {self.data_mode}: a target with "
+                             "read/write methods needs copy mode (create it with zero_copy=\"copy\")")
+        return self
+
+    def _setup(self, target: Any) -> tuple[bool, set[str]]:
+        """What `Device(...)` and `Device.recover` share: the target's kind
+        and the callbacks handed to C. Returns (has handle, simple methods)."""
+        has_handle = callable(getattr(target, "handle", None))
+        simple = {m for m in _SIMPLE if callable(getattr(target, m, None))}
+        if not has_handle and not simple:
+            raise TypeError(f"target {type(target).__name__!r} has neither handle(io) nor any of "
+                            f"{', '.join(_SIMPLE)}: it cannot serve a device")
+        self._target = target
+        self._handle = target.handle if has_handle else None
+        self._methods = {m: getattr(target, m) for m in simple}
+        self._pending: dict[int, tuple[Io, Callable]] = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.Lock()
+        self._started = False
+        self._get_desc = L.lib().ublk_io_get_desc
+        self._max_io = 0  # set by _load_info
+        # the C side calls these: they must live as long as the device
+        self._handle_cb = L.HANDLE_IO(self._on_io)
+        self._backing_cb = L.BACKING_CB(self._on_backing)
+        # batches (one callback per pass over a queue ring) for the simple
+        # methods and for handle targets that route reads and writes
+        route = getattr(target, "route", None)
+        self._batcher = _batch.Batcher(self, target, route if callable(route) else None) \
+            if not has_handle or callable(route) else None
+        if self._batcher is not None:
+            self._ops = L.ublk_target_ops(handle_batch=self._batcher.cb)
+        else:
+            self._ops = L.ublk_target_ops(handle_io=self._handle_cb)
+        return has_handle, simple
+
+    def _load_info(self) -> None:
+        """The device facts, from the library (after ublk_dev_new / _recover)."""
+        lib = L.lib()
         info = L.ublk_dev_info()
         _check(lib.ublk_dev_get_info(self._dev, ctypes.byref(info)), "ublk_dev_get_info")
         self.id = info.dev_id
@@ -281,6 +425,10 @@ class Device:
         self.queues = info.nr_queues
         self.depth = info.queue_depth
         self.data_mode = lib.ublk_data_mode_name(info.data_mode).decode()
+        self.recovery = _RECOVERY_NAMES.get(info.recovery, f"recovery{info.recovery}")
+        self._max_io = info.max_io_bytes
+        self.target_name = _py_string(lib.ublk_dev_target_name(self._dev))
+        self.target_args = _py_string(lib.ublk_dev_target_args(self._dev))
         self.path = f"/dev/ublkb{self.id}"
 
     # --- callbacks (queue threads, GIL taken by ctypes) ------------------------------
@@ -356,7 +504,10 @@ class Device:
         return self._dev
 
     def start(self) -> None:
-        """Starts serving in background threads; returns once `path` exists."""
+        """Starts serving in background threads; returns once `path` exists.
+        The target's `fixed_fds` are read now."""
+        if self._batcher is not None:
+            self._batcher.arm()
         _check(L.lib().ublk_dev_start(self._live()), "start")
         self._started = True
 
@@ -437,4 +588,5 @@ class Device:
             pass
 
     def __repr__(self) -> str:
-        return f"<pyublk.Device {self.path} {self.size} bytes, {self.queues} queues, mode {self.data_mode}>"
+        return (f"<pyublk.Device {self.path} {self.size} bytes, {self.queues} queues, mode {self.data_mode}, "
+                f"recovery {self.recovery}>")

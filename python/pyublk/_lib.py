@@ -23,6 +23,11 @@ UBLK_DATA_AUTO_BUF_REG = 1
 UBLK_DATA_REGISTER = 2
 UBLK_DATA_USER_COPY = 3
 UBLK_DATA_COPY = 4
+UBLK_BATCH_PENDING = -(1 << 31)
+UBLK_RECOVERY_NONE = 0
+UBLK_RECOVERY_REISSUE = 1
+UBLK_RECOVERY_FAIL = 2
+UBLK_RECOVERY_WAIT = 3
 
 CONSTANTS = {k: v for k, v in dict(globals()).items() if k.startswith("UBLK_")}
 
@@ -50,7 +55,10 @@ class ublk_dev_config(Structure):
         ("needs_buffer", c_uint8),
         ("target_name", c_char_p),
         ("state_dir", c_char_p),
-        ("reserved", c_uint64 * 8),
+        ("recovery", c_uint32),
+        ("reserved32", c_uint32),
+        ("target_args", c_char_p),
+        ("reserved", c_uint64 * 6),
     ]
 
 
@@ -60,8 +68,34 @@ QUEUE_DEINIT = CFUNCTYPE(None, c_void_p, c_uint16, c_void_p)
 BACKING_CB = CFUNCTYPE(None, c_void_p, c_void_p, c_int)
 
 
+class ublk_io_desc(Structure):
+    _fields_ = [
+        ("op", c_int32),
+        ("flags", c_uint32),
+        ("offset", c_uint64),
+        ("len", c_uint32),
+        ("queue_id", c_uint16),
+        ("tag", c_uint16),
+    ]
+
+
+class ublk_io_batch_entry(Structure):
+    _fields_ = [
+        ("io", c_void_p),
+        ("buf", c_void_p),
+        ("desc", ublk_io_desc),
+        ("result", c_int32),
+        ("lease_fd", c_int32),
+        ("lease_file_off", c_uint64),
+    ]
+
+
+HANDLE_BATCH = CFUNCTYPE(None, c_void_p, c_void_p, c_uint32)
+
+
 class ublk_target_ops(Structure):
-    _fields_ = [("handle_io", HANDLE_IO), ("queue_init", QUEUE_INIT), ("queue_deinit", QUEUE_DEINIT)]
+    _fields_ = [("handle_io", HANDLE_IO), ("queue_init", QUEUE_INIT), ("queue_deinit", QUEUE_DEINIT),
+                ("handle_batch", HANDLE_BATCH)]
 
 
 class ublk_dev_info(Structure):
@@ -73,6 +107,7 @@ class ublk_dev_info(Structure):
         ("data_mode", c_uint32),
         ("flags", c_uint64),
         ("size", c_uint64),
+        ("recovery", c_uint32),
     ]
 
 
@@ -87,19 +122,9 @@ class ublk_queue_stats(Structure):
     ]
 
 
-class ublk_io_desc(Structure):
-    _fields_ = [
-        ("op", c_int32),
-        ("flags", c_uint32),
-        ("offset", c_uint64),
-        ("len", c_uint32),
-        ("queue_id", c_uint16),
-        ("tag", c_uint16),
-    ]
-
-
 STRUCTS = {
     "ublk_io_desc": ublk_io_desc,
+    "ublk_io_batch_entry": ublk_io_batch_entry,
     "ublk_dev_config": ublk_dev_config,
     "ublk_target_ops": ublk_target_ops,
     "ublk_dev_info": ublk_dev_info,
@@ -117,6 +142,9 @@ FUNCTIONS = {
     "ublk_feature_name": (c_char_p, [c_uint32]),
     "ublk_dev_config_init": (c_int, [POINTER(ublk_dev_config)]),
     "ublk_dev_new": (c_int, [POINTER(ublk_dev_config), POINTER(ublk_target_ops), c_void_p, POINTER(c_void_p)]),
+    "ublk_dev_recover": (c_int, [c_uint32, c_char_p, POINTER(ublk_target_ops), c_void_p, POINTER(c_void_p)]),
+    "ublk_dev_target_name": (c_char_p, [_dev]),
+    "ublk_dev_target_args": (c_char_p, [_dev]),
     "ublk_dev_start": (c_int, [_dev]),
     "ublk_dev_serve": (c_int, [_dev]),
     "ublk_dev_wait": (c_int, [_dev, c_int]),

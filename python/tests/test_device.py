@@ -1,6 +1,7 @@
 """Device tests (root, a ublk kernel: run inside the VM): the examples under
 fio crc32c verify, ext4 on loop.py, exceptions failing one IO with EIO while
-the device keeps serving, lease rules from Python, buffer lifetime."""
+the device keeps serving, lease rules from Python, buffer lifetime, crash
+recovery (loop.py killed with SIGKILL, taken over by `loop.py --recover`)."""
 
 import errno
 import mmap
@@ -20,6 +21,8 @@ import pyublk
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
+REPO = HERE.parents[1]
+UBLK = Path(os.environ.get("UBLK_BIN") or REPO / "target" / "release" / "ublk")
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.exists("/dev/ublk-control"),
@@ -48,6 +51,11 @@ class Example:
             self.p.kill()
             raise AssertionError(f"{args[0]} printed {line!r}: {self.p.stderr.read()[-2000:]}")
         self.id, self.path = int(line[0]), line[1]
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies without any cleanup."""
+        self.p.kill()
+        self.p.communicate(timeout=30)
 
     def stop(self) -> str:
         self.p.send_signal(signal.SIGTERM)
@@ -242,3 +250,232 @@ def test_complete_from_other_thread_and_twice():
         dev.stop()
         dev.wait(30)
     assert errno.EALREADY in errs
+
+
+# --- crash recovery -------------------------------------------------------------------
+
+def need_recovery(feature: str = "USER_RECOVERY") -> None:
+    if feature not in pyublk.features():
+        pytest.skip(f"the kernel lacks UBLK_F_{feature}")
+    if not os.access(UBLK, os.X_OK):
+        pytest.skip(f"{UBLK} missing (make build): the test reads device states with `ublk list`")
+
+
+def list_row(dev_id: int):
+    """(STATE, PID, RECOVERY) of device `dev_id` in `ublk list`, or None."""
+    r = subprocess.run([str(UBLK), "list"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, f"ublk list exited {r.returncode}: {r.stderr}"
+    for line in r.stdout.splitlines()[1:]:
+        f = line.split()
+        if f and f[0] == str(dev_id):
+            return f[7], f[8], f[9]
+    return None
+
+
+def wait_state(dev_id: int, want: str, timeout: float = 30):
+    deadline = time.monotonic() + timeout
+    row = None
+    while time.monotonic() < deadline:
+        row = list_row(dev_id)
+        if row is not None and row[0] == want:
+            return row
+        time.sleep(0.1)
+    raise AssertionError(f"device {dev_id} is not {want} after {timeout} s: `ublk list` row {row}")
+
+
+def write_at(path: str, off: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, len(data))
+        buf[:] = data
+        assert os.pwritev(fd, [buf], off) == len(data)
+    finally:
+        os.close(fd)
+
+
+def file_at(path: str, off: int, n: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(n)
+
+
+class Nop:
+    def handle(self, io):
+        io.complete(-errno.EIO)
+
+
+class Mem:
+    def __init__(self, size):
+        self.mem = bytearray(size)
+
+    def read(self, offset, length, buf):
+        buf[:] = self.mem[offset:offset + length]
+
+    def write(self, offset, data):
+        self.mem[offset:offset + len(data)] = data
+
+
+class Recovering:
+    """loop.py with a recovery policy on `backing`; kills what is left and
+    deletes the device (`ublk del`) if a test fails half way."""
+
+    def __init__(self, backing: str, policy: str):
+        self.servers = [Example(str(EXAMPLES / "loop.py"), "--file", backing, "--recovery", policy)]
+        self.id, self.path = self.servers[0].id, self.servers[0].path
+
+    def kill(self, state: str = "QUIESCED") -> None:
+        """SIGKILL the server; the device stays, in `state`, with no live server."""
+        dead = self.servers[-1].p.pid
+        self.servers[-1].kill()
+        assert os.path.exists(f"/sys/block/ublkb{self.id}"), "the device went away with its server"
+        row = wait_state(self.id, state)
+        # newer kernels clear the server pid when they quiesce; 6.12 keeps the dead one
+        assert row[1] in ("-", str(dead)), f"`ublk list` shows pid {row[1]} with the server ({dead}) dead"
+
+    def recover(self) -> Example:
+        ex = Example(str(EXAMPLES / "loop.py"), "--recover", str(self.id))
+        self.servers.append(ex)
+        assert (ex.id, ex.path) == (self.id, self.path), f"recovered {ex.id} {ex.path}, want {self.id} {self.path}"
+        row = list_row(self.id)
+        assert row is not None and row[0] == "LIVE" and row[1] == str(ex.p.pid), row
+        return ex
+
+    def cleanup(self) -> None:
+        for ex in self.servers:
+            if ex.p.poll() is None:
+                ex.kill()
+        if os.path.exists(f"/sys/block/ublkb{self.id}") or os.path.exists(f"/dev/ublkc{self.id}"):
+            subprocess.run([str(UBLK), "del", str(self.id)], capture_output=True, timeout=60)
+
+
+def test_loop_recover_after_kill(backing):
+    """Data written before a kill -9 reads back through the recovered
+    server; the new one serves writes; SIGTERM then deletes the device."""
+    need_recovery()
+    r = Recovering(backing, "reissue")
+    try:
+        row = list_row(r.id)
+        assert row == ("LIVE", str(r.servers[0].p.pid), "reissue"), row
+        state_dir = os.environ.get("UBLK_STATE_DIR") or "/run/ublk"
+        state = Path(state_dir, f"{r.id}.state").read_text()
+        assert f"file={os.path.realpath(backing)}" in state, state
+        pat = os.urandom(1 << 20)
+        write_at(r.path, 4 << 20, pat)
+        r.kill()
+        ex = r.recover()
+        assert read_at(r.path, 4 << 20, 1 << 20) == pat, "data written before the kill is lost"
+        more = os.urandom(2 << 20)
+        write_at(r.path, 16 << 20, more)
+        assert read_at(r.path, 16 << 20, 2 << 20) == more
+        assert file_at(backing, 16 << 20, 2 << 20) == more, "the write did not reach the backing file"
+        err = ex.stop()  # asserts the device is gone
+        assert "lease_ops=" in err, err
+        assert list_row(r.id) is None
+    finally:
+        r.cleanup()
+
+
+def test_recover_in_process_closed_before_start(backing):
+    """Device.recover gives back what the creator recorded; closed before it
+    starts, it leaves the device for another try: a read/write target is then
+    refused unless the device runs in copy mode, and loop.py takes it over."""
+    need_recovery()
+    r = Recovering(backing, "reissue")
+    try:
+        pat = os.urandom(64 << 10)
+        write_at(r.path, 2 << 20, pat)
+        r.kill()
+        d = pyublk.Device.recover(Nop(), r.id)
+        assert (d.id, d.size, d.recovery, d.target_name, d.target_args) == \
+            (r.id, 96 << 20, "reissue", "py-loop", f"file={os.path.realpath(backing)}"), d
+        d.close()
+        assert os.path.exists(f"/sys/block/ublkb{r.id}")
+        try:
+            d = pyublk.Device.recover(Mem(0), r.id)
+        except ValueError as e:
+            assert "copy mode" in str(e), e
+        else:
+            assert d.data_mode == "copy", d
+            d.close()
+        ex = r.recover()
+        assert read_at(r.path, 2 << 20, 64 << 10) == pat
+        ex.stop()
+    finally:
+        r.cleanup()
+
+
+def test_write_without_server_completes_after_recover(backing):
+    """reissue: a write issued while no server runs waits, and completes
+    (its data on the backing file) once a new server took over."""
+    need_recovery()
+    if not shutil.which("dd"):
+        pytest.skip("dd missing")
+    r = Recovering(backing, "reissue")
+    pat_file = tempfile.NamedTemporaryFile(dir=WORK, prefix="pyublk-pat-", delete=False)
+    dd = None
+    try:
+        pat = os.urandom(1 << 20)
+        pat_file.write(pat)
+        pat_file.close()
+        r.kill()
+        dd = subprocess.Popen(["dd", f"if={pat_file.name}", f"of={r.path}", "bs=1M", "seek=8", "count=1",
+                               "oflag=direct", "conv=fsync,notrunc", "status=none"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(1.5)
+        assert dd.poll() is None, f"the write ended (exit {dd.returncode}) while no server ran: {dd.stderr.read()}"
+        ex = r.recover()
+        try:
+            out, err = dd.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the write did not complete within 60 s of the recovery")
+        assert dd.returncode == 0, f"dd exited {dd.returncode}: {err}"
+        assert file_at(backing, 8 << 20, 1 << 20) == pat, "the data is not on the backing file"
+        assert read_at(r.path, 8 << 20, 1 << 20) == pat
+        ex.stop()
+    finally:
+        if dd is not None and dd.poll() is None:
+            dd.kill()
+            dd.communicate()
+        r.cleanup()
+        os.unlink(pat_file.name)
+
+
+def test_fail_policy_fails_io_without_server(backing):
+    """fail: while no server runs, IO fails at once (an IO error); it works
+    again after the recovery."""
+    need_recovery("USER_RECOVERY_FAIL_IO")
+    r = Recovering(backing, "fail")
+    try:
+        pat = os.urandom(64 << 10)
+        write_at(r.path, 1 << 20, pat)
+        r.kill("FAIL_IO")
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            read_at(r.path, 1 << 20, 64 << 10)
+        # the kernel fails them with BLK_STS_TARGET: EREMOTEIO for the reader
+        assert e.value.errno in (errno.EIO, errno.EREMOTEIO), e.value
+        assert time.monotonic() - t0 < 10, "the read waited instead of failing at once"
+        ex = r.recover()
+        assert read_at(r.path, 1 << 20, 64 << 10) == pat
+        ex.stop()
+    finally:
+        r.cleanup()
+
+
+def test_recovery_attributes_and_refusals():
+    need_recovery()
+    with pyublk.Device(Mem(8 << 20), size=8 << 20, recovery="wait", target_args="mem=8M",
+                       name="py-mem") as dev:
+        assert (dev.recovery, dev.target_name, dev.target_args) == ("wait", "py-mem", "mem=8M")
+        assert list_row(dev.id)[2] == "wait"
+    with pyublk.Device(Mem(8 << 20), size=8 << 20) as dev:
+        assert (dev.recovery, dev.target_name, dev.target_args) == ("none", "python", None)
+        dev.start()
+        with pytest.raises(pyublk.UblkError) as e:  # made without recovery
+            pyublk.Device.recover(Mem(8 << 20), dev.id)
+        assert e.value.errno == errno.EINVAL, e.value
+        dev.stop()
+        dev.wait(30)
+    with pytest.raises(pyublk.UblkError) as e:  # no such device
+        pyublk.Device.recover(Mem(8 << 20), 9999)
+    assert e.value.errno in (errno.ENOENT, errno.ENODEV), e.value

@@ -3,6 +3,7 @@ include/ublk.h, and bad arguments raise clear Python errors before the
 kernel is asked."""
 
 import ctypes
+import errno
 import os
 import re
 import subprocess
@@ -33,8 +34,9 @@ def test_function_list_matches_header():
 
 
 def test_constants_match_header():
-    defines = dict(re.findall(r"^#define (UBLK_[A-Z0-9_]+) (\d+)$", header_text(), flags=re.M))
-    assert {k: int(v) for k, v in defines.items()} == L.CONSTANTS
+    defines = dict(re.findall(r"^#define (UBLK_[A-Z0-9_]+) (\d+|INT32_MIN)$", header_text(), flags=re.M))
+    limits = {"INT32_MIN": -(1 << 31)}
+    assert {k: limits[v] if v in limits else int(v) for k, v in defines.items()} == L.CONSTANTS
 
 
 def test_struct_layouts_match_the_c_compiler():
@@ -82,6 +84,10 @@ class Reader:
     (dict(size="1G"), TypeError, "size must be an int"),
     (dict(size=1 << 20, zero_copy="fast"), ValueError, "zero_copy must be one of"),
     (dict(size=1 << 20, dev_id=-3), ValueError, "dev_id"),
+    (dict(size=1 << 20, recovery="sometimes"), ValueError, "recovery must be one of none, reissue, fail, wait"),
+    (dict(size=1 << 20, recovery=1), ValueError, "recovery must be one of"),
+    (dict(size=1 << 20, target_args=b"file=/x"), TypeError, "target_args must be a str or None"),
+    (dict(size=1 << 20, target_args="a\0b"), ValueError, "target_args contains a NUL"),
 ])
 def test_bad_arguments(kw, exc, text):
     with pytest.raises(exc, match=text):
@@ -91,6 +97,30 @@ def test_bad_arguments(kw, exc, text):
 def test_non_target_object():
     with pytest.raises(TypeError, match="neither handle"):
         pyublk.Device(object(), size=1 << 20)
+
+
+@pytest.mark.parametrize("args, exc, text", [
+    ((Reader(), -1), ValueError, "dev_id must be a non-negative int"),
+    ((Reader(), "3"), ValueError, "dev_id must be a non-negative int"),
+    ((object(), 3), TypeError, "neither handle"),
+])
+def test_recover_bad_arguments(args, exc, text):
+    with pytest.raises(exc, match=text):
+        pyublk.Device.recover(*args)
+
+
+def test_recover_without_state_file(tmp_path):
+    """No state file for the id: ENOENT before the kernel is asked."""
+    with pytest.raises(pyublk.UblkError) as e:
+        pyublk.Device.recover(Reader(), 4000, state_dir=str(tmp_path))
+    assert e.value.errno == errno.ENOENT, e.value
+    assert "4000" in str(e.value), e.value
+
+
+def test_recovery_names_match_constants():
+    from pyublk import _device as D
+    assert {k: v for k, v in L.CONSTANTS.items() if k.startswith("UBLK_RECOVERY_")} == \
+        {f"UBLK_RECOVERY_{k.upper()}": v for k, v in D._RECOVERY.items()}
 
 
 def test_library_search_names_what_it_tried(monkeypatch):

@@ -3,7 +3,7 @@
 use super::io::{FfiQueue, FfiTarget};
 use super::{guard, guard_or, null_err, opt_str};
 use crate::error::Error;
-use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, StopHandle, Target, TargetFactory, ZeroCopy};
+use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, Recovery, StopHandle, Target, TargetFactory, ZeroCopy};
 use parking_lot::Mutex;
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::sync::Arc;
@@ -59,11 +59,36 @@ pub struct ublk_dev_config {
     /// Target name recorded in the state file (`ublk list`); NULL = "custom".
     /// Borrowed: read during `ublk_dev_new` only.
     pub target_name: *const c_char,
-    /// Directory of the state file; NULL = "/run/ublk". Borrowed, as above.
+    /// Directory of the state file; NULL = `$UBLK_STATE_DIR`, else
+    /// "/run/ublk". Borrowed, as above.
     pub state_dir: *const c_char,
+    /// What happens when the server dies: UBLK_RECOVERY_NONE (default: the
+    /// device is stopped), _REISSUE, _FAIL or _WAIT (the device survives and
+    /// a new process takes it over with `ublk_dev_recover`).
+    pub recovery: u32,
+    /// Must stay zero.
+    pub reserved32: u32,
+    /// The target's own arguments (free text, e.g. "file=/srv/disk.img"),
+    /// recorded in the state file so that a recovering process can read them
+    /// back (`ublk_dev_target_args`); NULL = none. Borrowed, as above.
+    pub target_args: *const c_char,
     /// Must stay zero (room for future fields).
-    pub reserved: [u64; 8],
+    pub reserved: [u64; 6],
 }
+
+/// `ublk_dev_config.recovery`: the device is stopped when its server dies.
+pub const UBLK_RECOVERY_NONE: u32 = 0;
+/// The requests the dead server held are sent again to the next server; new
+/// IO waits for it.
+pub const UBLK_RECOVERY_REISSUE: u32 = 1;
+/// While no server runs, all IO fails at once with an IO error (EIO or
+/// EREMOTEIO).
+pub const UBLK_RECOVERY_FAIL: u32 = 2;
+/// The requests the dead server held fail; new IO waits for the next server.
+pub const UBLK_RECOVERY_WAIT: u32 = 3;
+
+/// The state-file entry that holds `ublk_dev_config.target_args`.
+const C_ARGS_KEY: &str = "c";
 
 /// Fills `*cfg` with the defaults. Any thread.
 #[no_mangle]
@@ -95,7 +120,10 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
             needs_buffer: 0,
             target_name: std::ptr::null(),
             state_dir: std::ptr::null(),
-            reserved: [0; 8],
+            recovery: UBLK_RECOVERY_NONE,
+            reserved32: 0,
+            target_args: std::ptr::null(),
+            reserved: [0; 6],
         };
         // SAFETY: cfg is non-null and points to a ublk_dev_config (documented).
         unsafe { cfg.write(c) };
@@ -104,7 +132,7 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
 }
 
 fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
-    if c.reserved.iter().any(|&r| r != 0) {
+    if c.reserved.iter().any(|&r| r != 0) || c.reserved32 != 0 {
         return Err(Error::inval("cfg.reserved must be zero (initialise cfg with ublk_dev_config_init)"));
     }
     let dev_id = match c.dev_id {
@@ -138,6 +166,13 @@ fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
             m => return Err(Error::inval(format!("data_mode {m} is not a UBLK_DATA_* value"))),
         },
         needs_buffer: c.needs_buffer != 0,
+        recovery: match c.recovery {
+            UBLK_RECOVERY_NONE => Recovery::None,
+            UBLK_RECOVERY_REISSUE => Recovery::Reissue,
+            UBLK_RECOVERY_FAIL => Recovery::Fail,
+            UBLK_RECOVERY_WAIT => Recovery::Wait,
+            r => return Err(Error::inval(format!("recovery {r} is not a UBLK_RECOVERY_* value"))),
+        },
         timeout: Duration::from_millis(c.timeout_ms as u64),
         ..Default::default()
     };
@@ -146,6 +181,9 @@ fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
     }
     if let Some(d) = opt_str(c.state_dir, "state_dir")? {
         cfg.state_dir = d.into();
+    }
+    if let Some(a) = opt_str(c.target_args, "target_args")? {
+        cfg.target_args.push((C_ARGS_KEY.into(), a));
     }
     cfg.validate()?;
     Ok(cfg)
@@ -156,7 +194,7 @@ fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ublk_target_ops {
-    /// Required. One request arrived. Complete it with `ublk_io_complete()`,
+    /// Required (unless `handle_batch` is set). One request arrived. Complete it with `ublk_io_complete()`,
     /// now or later from any thread, or lend its buffer to IO on files and
     /// sockets with `ublk_io_lease_read()` & co (it then completes when the
     /// last lease operation is over). `io` stays valid until it is completed.
@@ -167,6 +205,16 @@ pub struct ublk_target_ops {
     pub queue_init: Option<unsafe extern "C" fn(user: *mut c_void, queue_id: u16, queue_data: *mut *mut c_void) -> c_int>,
     /// Optional. Called on each queue's thread after it stopped serving.
     pub queue_deinit: Option<unsafe extern "C" fn(user: *mut c_void, queue_id: u16, queue_data: *mut c_void)>,
+    /// Optional; replaces `handle_io` when set. The requests that arrived in
+    /// one pass over the queue ring, all in one call: `entries[0..n]` (n >=
+    /// 1), each with its handle, buffer and description. For each, set
+    /// `result` to complete it when this returns, or `lease_fd` to lend it
+    /// whole to IO on a file, or leave both and deal with `io` as after
+    /// `handle_io` (complete it later from any thread, lease operations with
+    /// callbacks, backing IO). `entries` is the engine's and valid during the
+    /// call only; the handles as in `handle_io`. For bindings where each call
+    /// costs (Python); C targets gain little from it.
+    pub handle_batch: Option<unsafe extern "C" fn(user: *mut c_void, entries: *mut super::batch::ublk_io_batch_entry, n: u32)>,
 }
 
 pub use super::io::ublk_io;
@@ -184,6 +232,8 @@ pub struct ublk_dev_info {
     /// `UBLK_F_*` bits the device negotiated with the kernel.
     pub flags: u64,
     pub size: u64,
+    /// UBLK_RECOVERY_* policy of the device.
+    pub recovery: u32,
 }
 
 /// Per-queue counters, filled by `ublk_dev_queue_stats`.
@@ -224,6 +274,8 @@ pub struct ublk_dev {
     shared: Arc<FfiDevShared>,
     info: ublk_dev_info,
     path: CString,
+    target_name: CString,
+    target_args: Option<CString>,
 }
 
 fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
@@ -250,35 +302,89 @@ pub extern "C" fn ublk_dev_new(cfg: *const ublk_dev_config, ops: *const ublk_tar
         if out.is_null() {
             return Err(null_err("out"));
         }
-        if ops.handle_io.is_none() {
-            return Err(Error::inval("ops.handle_io is NULL"));
+        if ops.handle_io.is_none() && ops.handle_batch.is_none() {
+            return Err(Error::inval("ops.handle_io and ops.handle_batch are both NULL"));
         }
-        let config = to_config(cfg)?;
-        let size = config.size;
-        let dev = Device::new(config)?;
-        let i = dev.info();
-        let queues = (0..i.nr_hw_queues).map(|q| Arc::new(FfiQueue::new(q, i.queue_depth))).collect();
-        let info = ublk_dev_info {
-            dev_id: i.dev_id,
-            nr_queues: i.nr_hw_queues,
-            queue_depth: i.queue_depth,
-            max_io_bytes: i.max_io_buf_bytes,
-            data_mode: super::data_mode_const(dev.data_mode()),
-            flags: i.flags,
-            size,
-        };
-        let path = CString::new(dev.block_path().display().to_string()).unwrap_or_default();
-        let d = Box::new(ublk_dev {
-            stop: dev.stop_handle(),
-            dev: Mutex::new(Some(dev)),
-            shared: Arc::new(FfiDevShared { ops, user, queues }),
-            info,
-            path,
-        });
+        let dev = Device::new(to_config(cfg)?)?;
         // SAFETY: out is non-null (checked above).
-        unsafe { *out = Box::into_raw(d) };
+        unsafe { *out = Box::into_raw(wrap(dev, ops, user)) };
         Ok(0)
     })
+}
+
+fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
+    let i = dev.info();
+    let queues = (0..i.nr_hw_queues).map(|q| Arc::new(FfiQueue::new(q, i.queue_depth))).collect();
+    let cfg = dev.config();
+    let info = ublk_dev_info {
+        dev_id: i.dev_id,
+        nr_queues: i.nr_hw_queues,
+        queue_depth: i.queue_depth,
+        max_io_bytes: i.max_io_buf_bytes,
+        data_mode: super::data_mode_const(dev.data_mode()),
+        flags: i.flags,
+        size: cfg.size,
+        recovery: cfg.recovery as u32,
+    };
+    let cstr = |s: &str| CString::new(s.replace('\0', " ")).unwrap_or_default();
+    Box::new(ublk_dev {
+        path: cstr(&dev.block_path().display().to_string()),
+        target_name: cstr(&cfg.target_name),
+        target_args: cfg.target_arg(C_ARGS_KEY).map(cstr),
+        stop: dev.stop_handle(),
+        dev: Mutex::new(Some(dev)),
+        shared: Arc::new(FfiDevShared { ops, user, queues }),
+        info,
+    })
+}
+
+/// Takes over device `dev_id` after its server process died (even with
+/// `kill -9`): the device must have been created with a `recovery` policy.
+/// Its configuration comes from the state file written when it was created,
+/// in `state_dir` (NULL = `$UBLK_STATE_DIR`, else "/run/ublk"); read the
+/// target's own settings back with `ublk_dev_target_name` and
+/// `ublk_dev_target_args`. Then `ublk_dev_start` / `ublk_dev_serve` serve it
+/// again: the requests the kernel kept for it go to the new callbacks. Waits
+/// (at most the recorded timeout) for the old server to be gone.
+///
+/// `ops`, `user` and `*out` as in `ublk_dev_new`. Errors: -ENOENT (no state
+/// file), -ENODEV (no such device, or it was stopped), -EINVAL (created
+/// without recovery), -EBUSY (a live server still serves it), -ETIMEDOUT.
+/// If the new server fails before it serves (or `ublk_dev_free` comes
+/// first), the device is left as it was, for another try. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_recover(dev_id: u32, state_dir: *const c_char, ops: *const ublk_target_ops, user: *mut c_void, out: *mut *mut ublk_dev) -> c_int {
+    guard(|| {
+        // SAFETY: a non-null pointer to the documented type.
+        let ops = *unsafe { ops.as_ref() }.ok_or_else(|| null_err("ops"))?;
+        if out.is_null() {
+            return Err(null_err("out"));
+        }
+        if ops.handle_io.is_none() && ops.handle_batch.is_none() {
+            return Err(Error::inval("ops.handle_io and ops.handle_batch are both NULL"));
+        }
+        let dir = opt_str(state_dir, "state_dir")?.map_or_else(crate::state::default_dir, Into::into);
+        let dev = Device::recover(dev_id, &dir)?;
+        // SAFETY: out is non-null (checked above).
+        unsafe { *out = Box::into_raw(wrap(dev, ops, user)) };
+        Ok(0)
+    })
+}
+
+/// The target name the device was created with (`ublk_dev_config.target_name`),
+/// owned by `dev` and valid until `ublk_dev_free`; NULL for a NULL dev. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_target_name(dev: *const ublk_dev) -> *const c_char {
+    guard_or(std::ptr::null(), || dev_ref(dev).ok().map(|d| d.target_name.as_ptr()))
+}
+
+/// The target arguments the device was created with
+/// (`ublk_dev_config.target_args`; after `ublk_dev_recover`: as recorded in
+/// its state file), owned by `dev` and valid until `ublk_dev_free`; NULL when
+/// there are none or for a NULL dev. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_dev_target_args(dev: *const ublk_dev) -> *const c_char {
+    guard_or(std::ptr::null(), || dev_ref(dev).ok().and_then(|d| d.target_args.as_ref().map(|a| a.as_ptr())))
 }
 
 /// Starts serving in background threads (one per queue) and returns once
@@ -358,8 +464,9 @@ pub extern "C" fn ublk_dev_stop(dev: *mut ublk_dev) -> c_int {
     })
 }
 
-/// Stops (if serving) and deletes the device, then frees `dev`. NULL is a
-/// no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
+/// Stops (if serving) and deletes the device, then frees `dev` (a device
+/// from `ublk_dev_recover` that never served is left for another try, not
+/// deleted). NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
 /// a thread that is not a queue thread of this device, and not concurrently
 /// with any other call on `dev`.
 #[no_mangle]

@@ -1,5 +1,6 @@
 //! C ABI: requests (`ublk_io`) and backing IO on the queue ring.
 
+use super::batch::ublk_io_batch_entry;
 use super::device::FfiDevShared;
 use super::{guard, guard_or, null_err};
 use crate::error::Error;
@@ -53,7 +54,7 @@ struct Pending {
 }
 
 /// `data` of a lease operation submitted without a callback.
-const NO_CB: u32 = u32::MAX;
+pub(crate) const NO_CB: u32 = u32::MAX;
 
 /// Per-queue state shared by the queue thread and the C side.
 pub(crate) struct FfiQueue {
@@ -119,6 +120,8 @@ fn current_ctx<'a>(q: &FfiQueue) -> Option<&'a mut QueueCtx<'static>> {
 pub(crate) struct FfiTarget {
     dev: Arc<FfiDevShared>,
     q: Arc<FfiQueue>,
+    /// The requests of this pass over the ring, for `handle_batch`.
+    batch: Vec<ublk_io_batch_entry>,
 }
 
 impl FfiTarget {
@@ -143,7 +146,7 @@ impl FfiTarget {
             }
             q.data.store(data, Ordering::Release);
         }
-        Ok(FfiTarget { dev, q })
+        Ok(FfiTarget { dev, q, batch: Vec::new() })
     }
 
     fn io_ptr(&self, tag: u16) -> *mut ublk_io {
@@ -163,11 +166,17 @@ impl Drop for FfiTarget {
 
 impl Target for FfiTarget {
     fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>) {
-        let _ = self.q.shared.set(ctx.shared().clone());
+        if self.q.shared.get().is_none() {
+            let _ = self.q.shared.set(ctx.shared().clone());
+        }
         let p = self.io_ptr(io.tag());
         // SAFETY: only the queue thread writes `req`, and the tag is not held by
         // anyone now (a new request just arrived on it).
         unsafe { *(*p).req.get() = io.req };
+        if self.dev.ops.handle_batch.is_some() {
+            self.batch.push(ublk_io_batch_entry::new(p, &io.req, self.q.q_id));
+            return;
+        }
         let Some(handle) = self.dev.ops.handle_io else { return };
         // SAFETY: a C callback with the documented arguments.
         with_ctx(ctx, &self.q, || unsafe { handle(self.dev.user, p) });
@@ -184,6 +193,16 @@ impl Target for FfiTarget {
                 let _ = ctx.complete(tag, if res < 0 { res } else { -libc::EIO });
             }
         }
+    }
+
+    fn batch_end(&mut self, ctx: &mut QueueCtx<'_>) {
+        let (Some(handle), false) = (self.dev.ops.handle_batch, self.batch.is_empty()) else { return };
+        let (ptr, n) = (self.batch.as_mut_ptr(), self.batch.len() as u32);
+        // SAFETY: a C callback with the documented arguments; `batch` is not
+        // touched until it returns.
+        with_ctx(ctx, &self.q, || unsafe { handle(self.dev.user, ptr, n) });
+        super::batch::finish(ctx, &self.batch);
+        self.batch.clear();
     }
 
     fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, _tag: u16, data: u32, res: i32) {
@@ -207,7 +226,7 @@ fn io_ref<'a>(io: *const ublk_io) -> Result<&'a ublk_io, Error> {
     Ok(r)
 }
 
-fn req_of(io: &ublk_io) -> Request {
+pub(crate) fn req_of(io: &ublk_io) -> Request {
     // SAFETY: see the Send/Sync comment on ublk_io.
     unsafe { *io.req.get() }
 }
@@ -266,6 +285,10 @@ pub struct ublk_io_desc {
     pub tag: u16,
 }
 
+pub(crate) fn desc_of(r: &Request, queue_id: u16) -> ublk_io_desc {
+    ublk_io_desc { op: op_code(r.op), flags: r.flags.0, offset: r.offset, len: r.len, queue_id, tag: r.tag }
+}
+
 /// Fills `*out` with the request's op, flags, offset, length, queue id and
 /// tag. Returns 0, or -EINVAL for a bad handle or a NULL `out`. Any thread
 /// holding the request.
@@ -276,8 +299,7 @@ pub extern "C" fn ublk_io_get_desc(io: *const ublk_io, out: *mut ublk_io_desc) -
         if out.is_null() {
             return Err(null_err("out"));
         }
-        let r = req_of(i);
-        let d = ublk_io_desc { op: op_code(r.op), flags: r.flags.0, offset: r.offset, len: r.len, queue_id: i.queue().q_id, tag: r.tag };
+        let d = desc_of(&req_of(i), i.queue().q_id);
         // SAFETY: out is non-null and points to a ublk_io_desc (documented).
         unsafe { out.write(d) };
         Ok(0)

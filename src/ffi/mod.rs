@@ -9,6 +9,7 @@
 
 #![allow(non_camel_case_types)]
 
+mod batch;
 mod device;
 mod io;
 
@@ -19,6 +20,7 @@ use std::collections::HashMap;
 use std::ffi::{c_char, c_int, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
+pub use batch::*;
 pub use device::*;
 pub use io::*;
 

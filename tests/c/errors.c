@@ -74,8 +74,29 @@ static void host_checks(void)
     cfg.reserved[3] = 1;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.reserved[3] = 0;
+    cfg.reserved32 = 1;
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.reserved32 = 0;
+    cfg.recovery = 4; /* not a UBLK_RECOVERY_* value */
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.recovery = UBLK_RECOVERY_REISSUE;
+    cfg.flags = 1ULL << 3; /* UBLK_F_USER_RECOVERY: chosen with recovery, not flags */
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.flags = 1ULL << 5; /* UBLK_F_UNPRIVILEGED_DEV: no recovery for those */
+    EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+    cfg.flags = 0;
+    cfg.recovery = UBLK_RECOVERY_NONE;
     cfg.timeout_ms = 0;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
+
+    /* recovery: bad arguments, and a device that has no state file */
+    EXPECT(ublk_dev_recover(0, NULL, NULL, NULL, &dev), -EINVAL);
+    EXPECT(ublk_dev_recover(0, NULL, &ops, NULL, NULL), -EINVAL);
+    EXPECT(ublk_dev_recover(0, NULL, &no_ops, NULL, &dev), -EINVAL);
+    EXPECT(ublk_dev_recover(123456, "/nonexistent/ublk-state", &ops, NULL, &dev), -ENOENT);
+    CHECK(ublk_last_error_message(msg, sizeof(msg)) > 0 && strstr(msg, "state file"), "message: %s", msg);
+    CHECK(dev == (ublk_dev *)0x1, "out written on failure");
+    CHECK(ublk_dev_target_name(NULL) == NULL && ublk_dev_target_args(NULL) == NULL, "target name/args of NULL");
 
     EXPECT(ublk_dev_start(NULL), -EINVAL);
     EXPECT(ublk_dev_serve(NULL), -EINVAL);
@@ -330,7 +351,28 @@ static void kernel_checks(void)
     EXPECT(ublk_dev_wait(dev, 10000), 0);
     EXPECT(ublk_io_complete(s.held, 4096), -ESHUTDOWN); /* use after stop */
     EXPECT(ublk_dev_start(dev), -EALREADY);
-    ublk_dev_free(dev);
+    r = ublk_dev_stop(dev); /* a second stop: done already, no harm */
+    CHECK(r == 0 || r == -ENODEV, "second stop: %s", ublk_strerror(r));
+    {
+        /* a device without recovery cannot be taken over, even stopped */
+        ublk_dev *again = (ublk_dev *)0x1;
+        r = ublk_dev_recover((uint32_t)ublk_dev_id(dev), NULL, &ops, &s, &again);
+        CHECK(r == -EINVAL || r == -ENODEV, "recover of a device without recovery: %s", ublk_strerror(r));
+        CHECK(again == (ublk_dev *)0x1, "out written on failure");
+    }
+    {
+        /* stale id: after free, the id names no device and no state file */
+        uint32_t id = (uint32_t)ublk_dev_id(dev);
+        ublk_dev *again = (ublk_dev *)0x1;
+        ublk_dev_free(dev);
+        EXPECT(ublk_dev_recover(id, NULL, &ops, &s, &again), -ENOENT);
+    }
+    ublk_dev_config_init(&cfg);
+    cfg.size = 16 << 20;
+    cfg.dev_id = 1 << 20; /* ids stop below 2^20 */
+    dev = NULL;
+    r = ublk_dev_new(&cfg, &ops, &s, &dev);
+    CHECK(r == -EINVAL && dev == NULL, "dev_id 2^20: %s", ublk_strerror(r));
     close(s.zero_fd);
 }
 

@@ -431,6 +431,20 @@ add_under_io() {
     sleep 2
 }
 
+# fio_wait PID OUT SECS: waits at most SECS for a background fio writing to
+# OUT; FIO_RC is its exit status (124 when it still ran: it is killed then).
+# Returns 0 when it exited 0 and OUT shows no IO or verify error.
+fio_wait() {
+    if ! wait_pid_exit "$1" "$3"; then
+        kill -KILL "$1" 2>/dev/null
+        FIO_RC=124
+        return 1
+    fi
+    wait "$1"
+    FIO_RC=$?
+    ((FIO_RC == 0)) && ! grep -Eq 'err= *[1-9]|verify: bad|verify failed|bad magic|io_u error' "$2"
+}
+
 # fio_errored FILE RC: fio's run ended with an IO error (status or output).
 fio_errored() {
     (($2 != 0)) && return 0

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The C ABI on a real kernel (issue 3): the C examples built against
 # libublk.so serve real devices. fio crc32c verify on ramdisk (inline
-# completion), loop (backing IO on the queue ring) and threadpool (completion
+# completion; and -b: batches through handle_batch), loop (backing IO on the queue ring) and threadpool (completion
 # from worker threads); mkfs.ext4 + mount + fsck on loop; SIGTERM stops each
 # and removes its device; null serves IO and exits when `ublk del` removes its
 # device; the error-path test (tests/c/errors.c, kernel half) passes under
@@ -55,11 +55,32 @@ if start_c ramdisk -s 256M -q "$Q2"; then
     stop_c ramdisk
 fi
 
+# ramdisk -b: the requests of each pass over the ring in one handle_batch
+# call, completed through the entries' results
+if start_c ramdisk -s 256M -q "$Q2" -b; then
+    fio_verify c-ramdisk-batch "$DEV"
+    stop_c ramdisk
+fi
+
 # threadpool: completes from 3 worker threads
 if start_c threadpool -s 256M -q "$Q2" -t 3; then
     fio_verify c-threadpool "$DEV"
     stop_c threadpool
 fi
+
+# loop -b: handle_batch; READ and WRITE lent whole to the file through the
+# entries' lease_fd, FLUSH through the per-request path
+truncate -s 256M "$T_WORK/loop-b.img"
+if start_c loop -f "$T_WORK/loop-b.img" -q "$Q2" -b; then
+    FIO_EXPECT_FLUSH=1 fio_verify c-loop-batch "$DEV" --fsync=64
+    if run_with_timeout 60 cmp -n $((64 << 20)) "$DEV" "$T_WORK/loop-b.img"; then
+        pass "c-loop-batch-backing-file (device == file)"
+    else
+        fail "c-loop-batch-backing-file" "device and backing file differ"
+    fi
+    stop_c loop
+fi
+rm -f "$T_WORK/loop-b.img"
 
 # loop: backing IO on the queue ring, file on tmpfs
 truncate -s 512M "$T_WORK/loop.img"

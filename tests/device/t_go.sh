@@ -6,14 +6,23 @@
 #   panicking backends (inline, async, Handler, lease callback) fail only their
 #   request with EIO, leases (sub-ranges, callbacks, manual completion, EPERM /
 #   EINVAL / EXDEV), DISCARD / WRITE_ZEROES, read-only, context cancellation
-#   under IO, Stop/Serve/Close, bad configs;
+#   under IO, Stop/Serve/Close, bad configs; Recover after a child server's
+#   SIGKILL (a write issued meanwhile waits and completes, the data reads
+#   back), Recover of a served device (EBUSY) or one without a policy (EINVAL);
 # - ublk-race.test: the device tests again under the race detector (not in
 #   the --compat pass: once is enough);
 # - the examples: ramdisk ([]byte backend) inline and -async, loop (*os.File
 #   backend) and loop -lease (zero-copy leases): fio crc32c verify, the
 #   backing file equals the device, mkfs.ext4 + mount + files + fsck on
 #   loop -lease, SIGTERM / `ublk del` stop them (exit 0, device removed),
-#   their counters (copied_bytes=0 with leases in a zero-copy mode).
+#   their counters (copied_bytes=0 with leases in a zero-copy mode);
+# - crash recovery with the loop example: loop -lease -recovery reissue killed
+#   with SIGKILL (the device waits QUIESCED, a write issued meanwhile waits),
+#   a copy-mode loop -recover refused for a zero-copy device (which stays for
+#   another try), loop -recover ID -lease takes it over (the waiting write
+#   completes, data written before and during the outage reads back, fio
+#   verify), SIGTERM removes it; the same in copy mode (-recovery wait -async,
+#   loop -recover ID -async, `ublk del`).
 # Without Go >= 1.21 on the host `make go` leaves target/release/go/SKIPPED and
 # this script reports a SKIP.
 # timeout: 1200
@@ -119,7 +128,7 @@ run_go_tests go-test "$G/ublk.test" 400 -test.skip '^TestNoDriver$'
 if ((T_COMPAT)); then
     log "go-race: once, on the main kernel only (not in --compat)"
 elif [[ -x $G/ublk-race.test ]]; then
-    run_go_tests go-race "$G/ublk-race.test" 500 -test.skip '^(TestNoDriver|TestBadConfig|TestDataModes|TestErrors)$'
+    run_go_tests go-race "$G/ublk-race.test" 500 -test.skip '^(TestNoDriver|TestBadConfig|TestDataModes|TestErrors|TestRecoveryNames|TestRecoverErrors)$'
 else
     skip go-race "no race-detector build ($(head -c 300 "$G/race-build.log" 2>/dev/null))"
 fi
@@ -190,5 +199,99 @@ if start_go go-loop-lease loop go-loop-lease -file "$T_WORK/lease.img" -queues "
         pass "go-loop-lease-counters (mode $mode, copied_bytes $(stat_of copied_bytes), lease_ops $(stat_of lease_ops))"
     fi
 fi
+
+# 6. crash recovery: loop -lease -recovery reissue, kill -9, loop -recover ID -lease
+# list_col ID N: column N of device ID's `ublk list` row (7 MODE, 8 STATE, 9 PID, 10 RECOVERY).
+list_col() { list_row "$1" | awk -v n="$2" '{ print $n }'; }
+state_is() { [[ $(list_col "$1" 8) == "$2" ]]; }
+# pattern N: 1 MiB of random bytes in $T_WORK/pat.N; put DEV MIB N / same DEV
+# MIB N: write / compare pattern N at MiB offset MIB of DEV (O_DIRECT).
+pattern() { [[ -f $T_WORK/pat.$1 ]] || head -c 1M /dev/urandom >"$T_WORK/pat.$1"; }
+put() { pattern "$3" && run_with_timeout 120 dd if="$T_WORK/pat.$3" of="$1" bs=1M seek="$2" oflag=direct conv=fsync status=none; }
+same() { cmp -s "$T_WORK/pat.$3" <(run_with_timeout 60 dd if="$1" bs=1M skip="$2" count=1 iflag=direct status=none); }
+
+# kill_go LABEL: SIGKILL the example GPID; its device ID must then wait in
+# state QUIESCED with no live server in `ublk list` (PID "-"; Linux 6.12
+# keeps the dead server's pid there).
+kill_go() {
+    local label=$1
+    kill -KILL "$GPID"
+    if ! wait_pid_exit "$GPID" 30; then
+        fail "$label-kill" "pid $GPID still alive 30 s after SIGKILL"
+        return 1
+    fi
+    wait "$GPID" 2>/dev/null
+    if wait_until 30 state_is "$ID" QUIESCED && ! pid_alive "$(list_col "$ID" 9 | tr -d -)"; then
+        pass "$label-kill (SIGKILL; ublk list: $(list_row "$ID"))"
+    else
+        fail "$label-kill" "device $ID after its server's SIGKILL: '$(list_row "$ID")', want QUIESCED and no live pid"
+        return 1
+    fi
+}
+
+# recover_go LABEL TARGET ARGS...: start_go of `loop -recover $ID ARGS`; it
+# must take over device ID.
+recover_go() {
+    local label=$1 target=$2 id=$ID
+    shift 2
+    start_go "$label" loop "$target" -recover "$id" "$@" || return 1
+    if [[ $ID != "$id" ]]; then
+        fail "$label-id" "loop -recover $id serves device $ID"
+        return 1
+    fi
+}
+
+truncate -s 256M "$T_WORK/rec.img"
+if start_go go-rec loop go-loop-lease -file "$T_WORK/rec.img" -queues "$Q2" -lease -recovery reissue; then
+    rid=$ID mode=$(list_col "$ID" 7)
+    [[ $(list_col "$rid" 10) == reissue ]] && pass go-rec-policy-listed || fail go-rec-policy-listed "ublk list: $(list_row "$rid")"
+    put "$DEV" 1 1 || fail go-rec-write "dd to $DEV failed"
+    if kill_go go-rec; then
+        # reissue: a write issued while no server runs waits for the next one
+        put "$DEV" 9 2 &
+        wpid=$!
+        bg_track "$wpid"
+        sleep 2
+        pid_alive "$wpid" && pass go-rec-io-waits || fail go-rec-io-waits "a write finished while no server ran"
+        # a copy-mode backend cannot serve a zero-copy device: refused, the device stays
+        if [[ $mode == copy ]]; then
+            skip go-rec-wrong-backend "the device runs in copy mode (the kernel has no zero copy), which both backends serve"
+        else
+            out=$(run_with_timeout 90 "$G/loop" -recover "$rid" 2>&1)
+            rc=$?
+            if ((rc == 1)) && grep -q 'copy mode' <<<"$out" && state_is "$rid" QUIESCED && pid_alive "$wpid"; then
+                pass "go-rec-wrong-backend (loop -recover without -lease refused for a $mode device, which stays QUIESCED)"
+            else
+                fail go-rec-wrong-backend "rc=$rc, '$out', ublk list: $(list_row "$rid")"
+            fi
+        fi
+        if recover_go go-rec2 go-loop-lease -lease; then
+            if wait_pid_exit "$wpid" 60 && wait "$wpid"; then
+                pass go-rec-waiting-write-done
+            else
+                fail go-rec-waiting-write-done "the write issued while no server ran failed or still waits"
+            fi
+            if same "$DEV" 1 1 && same "$DEV" 9 2; then
+                pass "go-rec-data (written before and during the outage: both read back)"
+            else
+                fail go-rec-data "data differs after loop -recover"
+            fi
+            FIO_TIMEOUT=180 T_FIO_SIZE=64M fio_verify go-rec "$DEV"
+            stop_go go-rec2 term
+        fi
+    fi
+fi
+
+# 7. the same in copy mode (*os.File backend in goroutines), policy wait, `ublk del`
+if start_go go-rec-copy loop go-loop -file "$T_WORK/rec.img" -queues "$Q2" -async -recovery wait; then
+    [[ $(list_col "$ID" 10) == wait ]] && pass go-rec-copy-policy-listed || fail go-rec-copy-policy-listed "ublk list: $(list_row "$ID")"
+    put "$DEV" 17 3 || fail go-rec-copy-write "dd to $DEV failed"
+    if kill_go go-rec-copy && recover_go go-rec-copy2 go-loop -async; then
+        same "$DEV" 17 3 && pass go-rec-copy-data || fail go-rec-copy-data "data differs after loop -recover"
+        FIO_TIMEOUT=180 T_FIO_SIZE=64M fio_verify go-rec-copy "$DEV"
+        stop_go go-rec-copy2 del
+    fi
+fi
+rm -f "$T_WORK/rec.img"
 
 t_finish

@@ -4,7 +4,10 @@
 # async_remote.py under fio crc32c verify, mkfs.ext4 + mount + fsck on
 # loop.py, an exception in a callback failing one IO with EIO while the
 # device keeps serving, a kept buffer raising ValueError, lease rules (EPERM,
-# EINVAL) from Python, completion from another thread and twice (EALREADY).
+# EINVAL) from Python, completion from another thread and twice (EALREADY);
+# crash recovery: loop.py --recovery killed with SIGKILL and taken over by
+# loop.py --recover (data back, a write issued meanwhile completes), the
+# fail policy, Device.recover refusals.
 # Each pytest case is reported as a pass/fail/skip here. Needs `make python`
 # (the venv with pyublk installed by pip) on the host first.
 # compat: yes

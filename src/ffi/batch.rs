@@ -1,0 +1,79 @@
+//! C ABI: requests handed to the target in batches
+//! (`ublk_target_ops.handle_batch`): one call for all the requests that
+//! arrived in one pass over the queue ring, for bindings where each call
+//! across the C boundary costs (Python, Go).
+
+use super::io::{desc_of, req_of, ublk_io, ublk_io_desc, NO_CB};
+use crate::io::{Op, Request};
+use crate::queue::QueueCtx;
+use std::ffi::c_void;
+
+/// `ublk_io_batch_entry.result` as handed over: the request is not
+/// completed when `handle_batch` returns (the target completes it later, as
+/// after `handle_io`, unless it sets `result` or `lease_fd`).
+pub const UBLK_BATCH_PENDING: i32 = i32::MIN;
+
+/// One request of a batch.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ublk_io_batch_entry {
+    /// The request's handle, as `handle_io` would get it.
+    pub io: *mut ublk_io,
+    /// Its data buffer (`ublk_io_buf`): NULL for requests without data and
+    /// outside UBLK_DATA_COPY.
+    pub buf: *mut c_void,
+    /// Op, flags, offset, length, queue id, tag (`ublk_io_get_desc`).
+    pub desc: ublk_io_desc,
+    /// In: UBLK_BATCH_PENDING. Set it to complete the request when
+    /// `handle_batch` returns: bytes done (READ/WRITE), 0, or a negative
+    /// errno (the rules of `ublk_io_complete`).
+    pub result: i32,
+    /// In: -1. Set it (and `lease_file_off`) to lend the whole request to IO
+    /// on this fd when `handle_batch` returns: a READ is filled from the fd,
+    /// a WRITE written to it (FUA becomes RWF_DSYNC), zero copy where the data
+    /// mode allows; the request completes when that is over, as with
+    /// `ublk_io_lease_read` / `_write` of its whole range without a callback.
+    /// Leave `result` at UBLK_BATCH_PENDING then. The fd must stay open until
+    /// the request completes.
+    pub lease_fd: i32,
+    /// File offset of the lease of `lease_fd`.
+    pub lease_file_off: u64,
+}
+
+impl ublk_io_batch_entry {
+    pub(crate) fn new(io: *mut ublk_io, req: &Request, q_id: u16) -> ublk_io_batch_entry {
+        ublk_io_batch_entry {
+            io,
+            buf: if req.op.has_data() { req.buf as *mut c_void } else { std::ptr::null_mut() },
+            desc: desc_of(req, q_id),
+            result: UBLK_BATCH_PENDING,
+            lease_fd: -1,
+            lease_file_off: 0,
+        }
+    }
+}
+
+/// After `handle_batch` returned: completes or leases what the target asked
+/// for, entry by entry. A request the target also completed itself is left
+/// alone (its completion is refused as a duplicate).
+pub(crate) fn finish(ctx: &mut QueueCtx<'_>, entries: &[ublk_io_batch_entry]) {
+    for e in entries {
+        // SAFETY: the handles live as long as the device; no new request can
+        // have arrived on this tag since the batch was made (requests arrive
+        // only between batches), so `req` is still this entry's request.
+        let req = req_of(unsafe { &*e.io });
+        let (tag, len) = (req.tag, req.len);
+        if e.result != UBLK_BATCH_PENDING {
+            let _ = ctx.complete_seq(tag, req.seq, e.result);
+        } else if e.lease_fd >= 0 {
+            let r = match req.op {
+                Op::Read => ctx.lease(tag).read_into(e.lease_fd, e.lease_file_off, 0..len, NO_CB),
+                Op::Write => ctx.lease(tag).write_from(e.lease_fd, e.lease_file_off, 0..len, NO_CB),
+                _ => Err(crate::Error::inval("lease_fd is for READ and WRITE requests only")),
+            };
+            if let Err(err) = r {
+                let _ = ctx.complete_seq(tag, req.seq, err.neg_errno());
+            }
+        }
+    }
+}
