@@ -45,7 +45,7 @@ fi
 
 # --- list: one device of each target ---------------------------------------------
 hdr=$(run_with_timeout 30 "$UBLK" list | head -n1 | tr -s ' ' | sed 's/ $//')
-if [[ $hdr == "ID PATH TARGET SIZE QUEUES DEPTH MODE STATE PID" ]]; then pass list-header; else fail list-header "header is '$hdr'"; fi
+if [[ $hdr == "ID PATH TARGET SIZE QUEUES DEPTH MODE STATE PID RECOVERY" ]]; then pass list-header; else fail list-header "header is '$hdr'"; fi
 
 # the mode `auto` resolves to: the best the kernel offers (mem always copies)
 AUTO=copy
@@ -69,15 +69,15 @@ if must_add add-null null --queues 2 --depth 64; then
 fi
 for id in "${ids[@]}"; do
     row=$(list_row "$id")
-    read -r r_id r_path r_target r_size r_q r_d r_mode r_state r_pid <<<"$row"
+    read -r r_id r_path r_target r_size r_q r_d r_mode r_state r_pid r_rec <<<"$row"
     read -r w_target w_size w_q w_d w_mode <<<"${WANT[$id]}"
-    got="$r_path $r_target $r_size $r_q $r_d $r_mode $r_state"
-    want="/dev/ublkb$id $w_target $w_size $w_q $w_d $w_mode LIVE"
+    got="$r_path $r_target $r_size $r_q $r_d $r_mode $r_state $r_rec"
+    want="/dev/ublkb$id $w_target $w_size $w_q $w_d $w_mode LIVE none"
     if [[ $got == "$want" ]] && pid_alive "$r_pid" && [[ $(cat "/proc/$r_pid/comm" 2>/dev/null) == ublk ]]; then
         pass "list-$w_target: $row"
         pids+=("$r_pid")
     else
-        fail "list-$w_target" "row '$row', want '$id $want <live ublk pid>'"
+        fail "list-$w_target" "row '$row', want '$id $want' with a live ublk pid before the recovery policy"
     fi
 done
 # each device has its own server process

@@ -27,7 +27,7 @@ loop_run() {
     truncate -s "$SIZE" "$file" || { fail "$label-setup" "truncate $file failed"; return; }
     must_add "$label-add" loop --queues 2 --file "$file" || return
     local id=$DEV_ID dev=$DEV_PATH
-    log "$label: device $id over $file ($(grep -E '^(direct)=' "/run/ublk/$id.state" 2>/dev/null))"
+    log "$label: device $id over $file ($(grep -E '^arg\.direct=' "/run/ublk/$id.state" 2>/dev/null))"
     FIO_EXPECT_FLUSH=1 fio_verify "$label" "$dev" --ioengine="$engine" --iodepth=32 --fsync=32
     # The device and its backing file hold the same bytes.
     if cmp <(dd if="$dev" bs=1M iflag=direct status=none) "$file" >/dev/null 2>"$T_WORK/cmp.err"; then

@@ -12,7 +12,7 @@
 #   removes the device and the server exits.
 # timeout: 1200
 . "$(dirname "$0")/lib.sh"
-t_require fio
+t_require fio mkfs.ext4
 
 MULTI=$T_REPO/target/release/examples/multi
 [[ -x $MULTI ]] || { fail multi-binary "$MULTI missing: cargo build --release --examples"; exit 1; }
@@ -156,29 +156,36 @@ else
     fail full-tmpfs "cannot mount a small tmpfs"
 fi
 
-# null_blk turning bad under a read run
+# a file made unreadable mid-run: the loop's backing file lives on ext4 on a
+# null_blk disk whose every block turns bad under a read run
 nb=/sys/kernel/config/nullb/ublk-stress
 modprobe null_blk nr_devices=0 2>/dev/null
 mountpoint -q /sys/kernel/config || mount -t configfs none /sys/kernel/config 2>/dev/null
 if [[ ! -d /sys/kernel/config/nullb ]] || ! mkdir "$nb" 2>/dev/null; then
     fail badblocks-setup "no null_blk configfs (/sys/kernel/config/nullb)"
 else
-    echo 256 >"$nb/size" && echo 1 >"$nb/memory_backed" && echo 1 >"$nb/power"
+    echo 64 >"$nb/size" && echo 1 >"$nb/memory_backed" && echo 1 >"$nb/power"
     # newer kernels name the disk after the configfs item, older ones nullbN
     nbdev=/dev/${nb##*/}
     [[ -e /sys/block/${nb##*/} ]] || nbdev=/dev/nullb$(cat "$nb/index")
     if ! wait_until 10 test -b "$nbdev"; then
         fail badblocks-setup "null_blk disk $nbdev did not appear ($(ls /sys/block | tr '\n' ' '))"
-    elif must_add bad-add loop --file "$nbdev"; then
+    elif ! mkfs.ext4 -q -F "$nbdev" || ! mkdir -p "$T_WORK/nb" || ! mount "$nbdev" "$T_WORK/nb"; then
+        fail badblocks-setup "mkfs.ext4 / mount of $nbdev failed"
+    elif mount_track "$T_WORK/nb" && dd if=/dev/urandom of="$T_WORK/nb/file.img" bs=1M count=16 conv=fsync status=none \
+        && must_add bad-add loop --file "$T_WORK/nb/file.img"; then
         id=$DEV_ID pid=$(server_pid "$DEV_ID")
-        dd if=/dev/urandom of="$DEV_PATH" bs=1M count=4 oflag=direct status=none
-        fio_bg bad "$DEV_PATH" --rw=randread --size=4M
-        # the first 4 MiB turn bad (badblocks takes ranges of up to 512 sectors)
-        for ((s = 0; s < 8192; s += 512)); do echo "+$s-$((s + 511))" >"$nb/badblocks"; done
+        grep -qx "arg.direct=true" "/run/ublk/$id.state" || log "note: the loop does not use O_DIRECT on $T_WORK/nb/file.img"
+        fio_bg bad "$DEV_PATH" --rw=randread --size=16M
+        # the whole disk turns bad (ranges of at most 512 sectors: 64 MiB = 256 of them),
+        # and the page cache forgets the file (reads must reach the disk)
+        for ((s = 0; s < 131072; s += 512)); do echo "+$s-$((s + 511))" >"$nb/badblocks"; done
+        echo 3 >/proc/sys/vm/drop_caches
         fio_wait "$FIO_PID" "$FIO_OUT" 60
         expect_fio_error bad-blocks-read-fails "$FIO_OUT" "$FIO_RC" 'Input/output error|err= *-?5\b'
         after_errors bad "$id" "$pid"
     fi
+    umount_all
     echo 0 >"$nb/power" 2>/dev/null
     rmdir "$nb" 2>/dev/null
 fi

@@ -32,7 +32,7 @@ pass start
 ID=$DEV_ID DEV=$DEV_PATH
 
 row=$(list_row "$ID")
-read -r _ _ r_target r_size r_q _ r_mode r_state r_pid <<<"$row"
+read -r _ _ r_target r_size r_q _ r_mode r_state r_pid _ <<<"$row"
 if [[ "$r_target $r_size $r_q $r_mode $r_state $r_pid" == "threadpool 128M $Q2 copy LIVE $TP" ]]; then
     pass "list: $row"
 else
