@@ -3,7 +3,7 @@
 //! arrived in one pass over the queue ring, for bindings where each call
 //! across the C boundary costs (Python, Go).
 
-use super::io::{desc_of, req_of, ublk_io, ublk_io_desc, NO_CB};
+use super::io::{data_buf, desc_of, req_of, ublk_io, ublk_io_desc, NO_CB};
 use crate::io::{Op, Request};
 use crate::queue::QueueCtx;
 use std::ffi::c_void;
@@ -44,7 +44,7 @@ impl ublk_io_batch_entry {
     pub(crate) fn new(io: *mut ublk_io, req: &Request, q_id: u16) -> ublk_io_batch_entry {
         ublk_io_batch_entry {
             io,
-            buf: if req.op.has_data() { req.buf as *mut c_void } else { std::ptr::null_mut() },
+            buf: data_buf(req),
             desc: desc_of(req, q_id),
             result: UBLK_BATCH_PENDING,
             lease_fd: -1,

@@ -344,10 +344,16 @@ pub extern "C" fn ublk_io_tag(io: *const ublk_io) -> u16 {
 /// other modes move data with the `ublk_io_lease_*` operations).
 #[no_mangle]
 pub extern "C" fn ublk_io_buf(io: *mut ublk_io) -> *mut c_void {
-    guard_or(std::ptr::null_mut(), || {
-        let r = req_of(io_ref(io).ok()?);
-        Some(if r.op.has_data() { r.buf as *mut c_void } else { std::ptr::null_mut() })
-    })
+    guard_or(std::ptr::null_mut(), || Some(data_buf(&req_of(io_ref(io).ok()?))))
+}
+
+/// What `ublk_io_buf` gives for `r`: its buffer if it carries data, else NULL.
+pub(crate) fn data_buf(r: &Request) -> *mut c_void {
+    if r.op.has_data() {
+        r.buf as *mut c_void
+    } else {
+        std::ptr::null_mut()
+    }
 }
 
 /// The pointer `queue_init` stored for the request's queue (NULL if none).
