@@ -131,7 +131,7 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
     })
 }
 
-fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
+pub(crate) fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
     if c.reserved.iter().any(|&r| r != 0) || c.reserved32 != 0 {
         return Err(Error::inval("cfg.reserved must be zero (initialise cfg with ublk_dev_config_init)"));
     }
@@ -276,6 +276,8 @@ pub struct ublk_dev {
     path: CString,
     target_name: CString,
     target_args: Option<CString>,
+    /// A built-in target (`ublk_nbd_dev_new`) instead of the C callbacks.
+    builtin: Option<TargetFactory>,
 }
 
 fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
@@ -312,7 +314,17 @@ pub extern "C" fn ublk_dev_new(cfg: *const ublk_dev_config, ops: *const ublk_tar
     })
 }
 
-fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
+pub(crate) fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
+    wrap_with(dev, ops, user, None)
+}
+
+/// A device served by a built-in target (no C callbacks).
+pub(crate) fn wrap_builtin(dev: Device, factory: TargetFactory) -> Box<ublk_dev> {
+    let none = ublk_target_ops { handle_io: None, queue_init: None, queue_deinit: None, handle_batch: None };
+    wrap_with(dev, none, std::ptr::null_mut(), Some(factory))
+}
+
+fn wrap_with(dev: Device, ops: ublk_target_ops, user: *mut c_void, builtin: Option<TargetFactory>) -> Box<ublk_dev> {
     let i = dev.info();
     let queues = (0..i.nr_hw_queues).map(|q| Arc::new(FfiQueue::new(q, i.queue_depth))).collect();
     let cfg = dev.config();
@@ -335,6 +347,7 @@ fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
         dev: Mutex::new(Some(dev)),
         shared: Arc::new(FfiDevShared { ops, user, queues }),
         info,
+        builtin,
     })
 }
 
@@ -396,7 +409,10 @@ pub extern "C" fn ublk_dev_start(dev: *mut ublk_dev) -> c_int {
     guard(|| {
         let d = dev_ref(dev)?;
         let shared = d.shared.clone();
-        let factory: TargetFactory = Arc::new(move |q: &QueueInfo| Ok(Box::new(FfiTarget::new(shared.clone(), q.queue_id)?) as Box<dyn Target>));
+        let factory: TargetFactory = match &d.builtin {
+            Some(f) => f.clone(),
+            None => Arc::new(move |q: &QueueInfo| Ok(Box::new(FfiTarget::new(shared.clone(), q.queue_id)?) as Box<dyn Target>)),
+        };
         let mut g = d.dev.lock();
         let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
         dev.start(factory)?;
@@ -521,7 +537,7 @@ pub extern "C" fn ublk_dev_queue_stats(dev: *const ublk_dev, queue_id: u16, out:
             return Err(null_err("out"));
         }
         let q = d.shared.queues.get(queue_id as usize).ok_or_else(|| Error::inval(format!("no queue {queue_id}")))?;
-        let s = q.stats().ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
+        let s = q.stats().or_else(|| d.stop.queue_stats(queue_id)).ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
         // SAFETY: out is non-null and points to a ublk_queue_stats.
         unsafe { out.write(ublk_queue_stats {
                 ios: s.ios,
