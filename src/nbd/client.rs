@@ -74,6 +74,8 @@ pub(crate) struct Conn {
     fd: Option<OwnedFd>,
     state: State,
     structured: bool,
+    /// READs go with NBD_CMD_FLAG_DF (structured replies and the server offers it).
+    df: bool,
     /// 0: not tried, 1: in the ring's file table, 2: registration failed.
     reg: u8,
     /// Operations on the socket in flight.
@@ -95,11 +97,12 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    pub(crate) fn new(fd: OwnedFd, structured: bool) -> Conn {
+    pub(crate) fn new(fd: OwnedFd, e: &Export) -> Conn {
         Conn {
             fd: Some(fd),
             state: State::Up,
-            structured,
+            structured: e.structured,
+            df: e.structured && e.has(proto::TFLAG_SEND_DF),
             reg: 0,
             ops: 0,
             sendq: VecDeque::new(),
@@ -374,7 +377,7 @@ impl NbdQueue {
                 self.recon.start(i);
                 continue;
             }
-            self.conns[i] = Conn::new(rc.fd, new.structured);
+            self.conns[i] = Conn::new(rc.fd, &new);
             for tag in std::mem::take(&mut self.waiting) {
                 self.reqs[tag as usize].waiting = false;
                 self.enqueue(tag);
@@ -445,7 +448,8 @@ impl NbdQueue {
             r.wire = true;
             c.on_wire += 1;
             let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
-            proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], r.flags, r.cmd, handle(tag, r.seq), off, len);
+            let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
+            proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
             n += 1;
             if r.cmd == proto::CMD_WRITE {
                 r.tx_pending = true;

@@ -52,6 +52,7 @@ pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_ROTATIONAL: u16 = 1 << 4;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // commands and command flags
@@ -63,6 +64,9 @@ pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+/// "Don't fragment": the READ's reply is one data chunk (servers then skip
+/// looking for holes, which costs them a block-status query per read).
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 // structured reply chunks
 pub const REPLY_FLAG_DONE: u16 = 1 << 0;

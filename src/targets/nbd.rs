@@ -192,7 +192,7 @@ impl NbdConfig {
                 if e.size < export.size {
                     return Err(Error::new(libc::EIO, format!("the NBD export shrank from {} to {} bytes", export.size, e.size)));
                 }
-                conns.push(Conn::new(fd, e.structured));
+                conns.push(Conn::new(fd, &e));
             }
             let label = format!("ublk{} q{}", q.dev_id, q.queue_id);
             Ok(Box::new(NbdQueue::new(ep.clone(), export, me.timeout, conns, q.depth, label)?) as Box<dyn Target>)

@@ -20,6 +20,10 @@ the disk is served correctly); with --once only the first time:
   chunk-past-end   structured: an OFFSET_DATA chunk ending past the read
   error-chunk      structured: an NBD_REPLY_TYPE_ERROR chunk (EIO) - a
                    correct reply that fails the read
+  split            (correct) structured: every READ of 8 KiB or more in
+                   several chunks, out of order: the second half as data,
+                   then the first half as a hole when it is all zeroes (else
+                   data), then a NONE chunk with the DONE flag
 and at the handshake (every connection):
   bad-greeting     a greeting that is not NBD
   no-fixed         newstyle without the fixed-newstyle flag
@@ -103,6 +107,15 @@ class Conn:
     def read_reply(self, handle, off, ln):
         with lock:
             data = bytes(self.disk[off:off + ln])
+        if self.structured and self.a.mode == "split" and ln >= 8192:
+            h = ln // 2
+            self.chunk(0, 1, handle, struct.pack(">Q", off + h) + data[h:])
+            if data[:h] == bytes(h):
+                self.chunk(0, 2, handle, struct.pack(">QI", off, h))
+            else:
+                self.chunk(0, 1, handle, struct.pack(">Q", off) + data[:h])
+            self.chunk(1, 0, handle, b"")
+            return
         if self.structured:
             self.chunk(1, 1, handle, struct.pack(">Q", off) + data)
         else:
@@ -165,7 +178,7 @@ class Conn:
                 self.simple(22, handle)
                 continue
             if typ == 0:
-                bad = self.a.mode not in ("good",) and TRAP[0] <= off < TRAP[1]
+                bad = self.a.mode not in ("good", "split") and TRAP[0] <= off < TRAP[1]
                 if bad and self.a.once and tripped.is_set():
                     bad = False
                 if bad:
