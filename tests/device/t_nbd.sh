@@ -134,6 +134,40 @@ for mode in auto-buf-reg register user-copy copy; do
     fi
 done
 
+# --- the C API: c-examples/nbd.c (ublk_nbd_dev_new) -----------------------------------------
+CNBD=${UBLK_CNBD_BIN:-$T_REPO/target/release/c-nbd}
+if [[ ! -x $CNBD ]]; then
+    fail c-nbd "$CNBD is missing: run \`make build\`"
+else
+    cout=$T_WORK/c-nbd.out cerr=$T_WORK/c-nbd.err
+    "$CNBD" -q "$Q2" -d 32 127.0.0.1 "$PORT" >"$cout" 2>"$cerr" &
+    cpid=$!
+    bg_track "$cpid"
+    if wait_until 60 grep -q . "$cout" && parse_add_line "$(cat "$cout")"; then
+        id=$DEV_ID
+        [[ $(list_row "$id" | awk '{ print $3, $4 }') == "nbd 64M" ]] && pass c-nbd-list || fail c-nbd-list "row '$(list_row "$id")'"
+        T_FIO_SIZE=32M fio_verify c-nbd "$DEV_PATH" --bsrange=4k-256k
+        wait_until 30 sig_handlers "$cpid" || fail c-nbd-handlers "no SIGTERM handler"
+        kill -TERM "$cpid"
+        if wait_pid_exit "$cpid" 60; then
+            wait "$cpid"
+            rc=$?
+            ((rc == 0)) && grep -q "device $id stopped: mode=" "$cerr" && pass "c-nbd-sigterm ($(grep -m1 stopped "$cerr"))" ||
+                { show_file "$cerr"; fail c-nbd-sigterm "exit $rc"; }
+        else
+            fail c-nbd-sigterm "c-nbd did not exit within 60 s of SIGTERM"
+        fi
+        wait_until 10 dev_absent "$id" || fail c-nbd-removed "device $id still exists"
+    else
+        show_file "$cerr"
+        fail c-nbd-start "c-nbd printed no '<id> <path>' within 60 s"
+    fi
+    # an unreachable server: exit 1 with the errno named, no device
+    if "$CNBD" 127.0.0.1 1 >/dev/null 2>"$cerr"; then fail c-nbd-refused "c-nbd succeeded against port 1"
+    elif grep -q ECONNREFUSED "$cerr" && [[ -z $(dev_ids) ]]; then pass c-nbd-refused
+    else fail c-nbd-refused "$(head -c 300 "$cerr")"; fi
+fi
+
 # --- qemu-nbd killed mid-IO and restarted: the IO resumes -------------------------------
 if nbd_add kill-add --queues "$Q2" --timeout 60; then
     id=$DEV_ID dev=$DEV_PATH
