@@ -85,6 +85,7 @@ pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
             "--zero-copy" | "-z" => a.cfg.zero_copy = value()?.parse().map_err(|e: Error| format!("--zero-copy: {}", e.message()))?,
             "--recovery" | "-r" => a.cfg.recovery = value()?.parse().map_err(|e: Error| format!("--recovery: {}", e.message()))?,
             "--state-dir" => a.cfg.state_dir = PathBuf::from(value()?),
+            "--affinity" => a.cfg.affinity = value()?.parse().map_err(|e: Error| format!("--affinity: {}", e.message()))?,
             "--foreground" => a.foreground = true,
             _ => return Err(format!("add: unknown option `{flag}`")),
         }
@@ -123,5 +124,8 @@ mod tests {
         assert_eq!(a.cfg.recovery, crate::Recovery::Reissue);
         assert_eq!(a.cfg.state_dir, PathBuf::from("/x"));
         assert!(parse_add(&v("loop --recovery sometimes")).unwrap_err().contains("unknown recovery policy"));
+        assert_eq!(parse_add(&v("null")).unwrap().cfg.affinity, crate::Affinity::Single);
+        assert_eq!(parse_add(&v("null --affinity all")).unwrap().cfg.affinity, crate::Affinity::All);
+        assert!(parse_add(&v("null --affinity some")).unwrap_err().contains("want single or all"));
     }
 }

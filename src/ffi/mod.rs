@@ -12,6 +12,7 @@
 mod batch;
 mod device;
 mod io;
+mod route;
 
 use crate::error::Error;
 use once_cell::sync::Lazy;
@@ -23,6 +24,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 pub use batch::*;
 pub use device::*;
 pub use io::*;
+pub use route::{ublk_dev_map, ublk_dev_unmap, UBLK_MAP_READ, UBLK_MAP_WRITE};
 
 /// Returned (negated) when the engine panicked inside a call (a bug in libublk).
 pub(crate) const PANIC_ERRNO: c_int = libc::ENOTRECOVERABLE;

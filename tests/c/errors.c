@@ -74,9 +74,9 @@ static void host_checks(void)
     cfg.reserved[3] = 1;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.reserved[3] = 0;
-    cfg.reserved32 = 1;
+    cfg.cpu_affinity = 2; /* not a UBLK_AFFINITY_* value */
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
-    cfg.reserved32 = 0;
+    cfg.cpu_affinity = UBLK_AFFINITY_SINGLE;
     cfg.recovery = 4; /* not a UBLK_RECOVERY_* value */
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.recovery = UBLK_RECOVERY_REISSUE;
