@@ -81,7 +81,9 @@ SERIES[_at:_at] = [(k[0], k[1], mode_label(b, m)) for b in MATRIX for m in MODES
                    for k in [mode_key(b, m)] if k != ("libublk", "loop")]
 _at = SERIES.index(("libublk", "loop:auto-buf-reg", mode_label("loop", "auto-buf-reg"))) + 1
 SERIES[_at:_at] = [("python", "loop:auto-buf-reg", "Python loop auto-buf-reg (pyublk leases)"),
-                   ("go", "loop:auto-buf-reg", "Go loop auto-buf-reg (bindings/go leases)")]
+                   ("go", "loop:auto-buf-reg", "Go loop auto-buf-reg (bindings/go leases)"),
+                   ("python", "loop-req:auto-buf-reg", "Python loop, per-request route()"),
+                   ("go", "loop-req:auto-buf-reg", "Go loop, per-request Handler")]
 SERIES += [(k[0], k[1], mode_label(b, m)) for m in MODES for b in ("loop-lat", "mirror-lat")
            for k in [mode_key(b, m)]]
 _at = SERIES.index(("rublk", "loop", "rublk 0.2.15 loop")) + 1
@@ -131,6 +133,9 @@ PY_RATIOS = [
      "Python loop / libublk loop (auto-buf-reg leases)", 0.8, "#3776ab", None),
     (("python", "ramdisk"), ("libublk", "mem"), "Python ramdisk / libublk mem (copy)",
      {"4k": 0.5, "64k": None, "512k": None}, "#ffd43b", "//"),
+    (("python", "loop-req:auto-buf-reg"), mode_key("loop", "auto-buf-reg"),
+     "Python loop, per-request route() / libublk loop (no goal: a Python call per batch)",
+     None, "#9db8d2", "xx"),
 ]
 # issue 6: the Go bindings vs the Rust targets
 GO_RATIOS = [
@@ -138,6 +143,9 @@ GO_RATIOS = [
      "Go loop / libublk loop (auto-buf-reg leases)", 0.9, "#00add8", None),
     (("go", "ramdisk"), ("libublk", "mem"), "Go ramdisk / libublk mem (copy)",
      {"4k": 0.7, "64k": None, "512k": None}, "#5dc9e2", "//"),
+    (("go", "loop-req:auto-buf-reg"), mode_key("loop", "auto-buf-reg"),
+     "Go loop, per-request Handler / libublk loop (no goal: a cgo call per request)",
+     None, "#a6dfec", "xx"),
 ]
 # issue 8: our NBD client vs the kernel's NBD driver, same qemu-nbd export
 NBD_RATIOS = [
@@ -294,6 +302,8 @@ def write_md(path, rows, meta, png_name):
                  "target it is compared with")
     if meta.get("grouping"):
         L.append("- grouping: %s (all runs: `samples` in results.json)" % meta["grouping"])
+    if meta.get("sessions"):
+        L.append("- sessions: %s" % meta["sessions"])
     if int(meta.get("rounds", 1) or 1) > 1:
         L.append("- %d rounds over all targets; each figure is the best round (all rounds: "
                  "`samples` in results.json)" % int(meta["rounds"]))
@@ -370,7 +380,11 @@ def write_md(path, rows, meta, png_name):
     L.append("Goals (issue 5), in the same run: the lease-based Python loop "
              "(`python/examples/loop.py`: Python only decides, the engine moves the data, zero "
              "copy) ≥ 0.8 × the Rust loop in the same mode at every size; the Python RAM disk "
-             "(data copied by Python code) ≥ 0.5 × the Rust `mem` target at 4k.")
+             "(data copied by Python code) ≥ 0.5 × the Rust `mem` target at 4k. The loop "
+             "decides once, for the whole device (`Device.map`: the engine then lends READ and "
+             "WRITE requests to the file without calling Python); the per-request row decides "
+             "each request in `route()` (one Python call per batch of requests), shown for what "
+             "a Python call costs on these emulated CPUs.")
     L.append("")
     pmet, pwant = ratio_table(L, idx, cols, PY_RATIOS, goal_col=True)
 
@@ -379,7 +393,9 @@ def write_md(path, rows, meta, png_name):
     L.append("Goals (issue 6), in the same run: the Go lease loop (`bindings/go/examples/loop "
              "-lease`: Go decides, the engine moves the data, zero copy) ≥ 0.9 × the Rust loop "
              "in the same mode at every size; the Go RAM disk (a `[]byte` backend: data copied "
-             "by Go code) ≥ 0.7 × the Rust `mem` target at 4k.")
+             "by Go code) ≥ 0.7 × the Rust `mem` target at 4k. The loop maps the whole file once "
+             "(`Device.Map`: READ and WRITE never reach Go); the per-request row has the Handler "
+             "lease each request (one cgo call per request), for information.")
     L.append("")
     gmet, gwant = ratio_table(L, idx, cols, GO_RATIOS, goal_col=True)
 

@@ -103,6 +103,28 @@
 #define UBLK_RECOVERY_WAIT 3
 
 /**
+ * `ublk_dev_config.cpu_affinity`: each queue thread runs on one CPU of the
+ * set the kernel maps to its queue (index: device id mod set size), and
+ * never migrates.
+ */
+#define UBLK_AFFINITY_SINGLE 0
+
+/**
+ * Each queue thread runs on the whole set the kernel maps to its queue.
+ */
+#define UBLK_AFFINITY_ALL 1
+
+/**
+ * `ublk_dev_map` flags: READ requests in the extent are served from the fd.
+ */
+#define UBLK_MAP_READ 1
+
+/**
+ * WRITE requests in the extent go to the fd (FUA becomes RWF_DSYNC).
+ */
+#define UBLK_MAP_WRITE 2
+
+/**
  * A ublk device (opaque). Created by `ublk_dev_new`, freed by `ublk_dev_free`.
  */
 typedef struct ublk_dev ublk_dev;
@@ -215,9 +237,10 @@ typedef struct ublk_dev_config {
    */
   uint32_t recovery;
   /**
-   * Must stay zero.
+   * CPUs of each queue thread: UBLK_AFFINITY_SINGLE (default: one CPU of
+   * the set the kernel maps to the queue) or UBLK_AFFINITY_ALL (the set).
    */
-  uint32_t reserved32;
+  uint32_t cpu_affinity;
   /**
    * The target's own arguments (free text, e.g. "file=/srv/disk.img"),
    * recorded in the state file so that a recovering process can read them
@@ -376,40 +399,6 @@ typedef struct ublk_queue_stats {
  * Completion callback of backing IO: `res` is the syscall-style result.
  */
 typedef void (*ublk_backing_cb)(void *user, struct ublk_io *io, int res);
-
-/**
- * Where an NBD export is, for `ublk_nbd_dev_new`. Initialise with
- * `ublk_nbd_config_init()` (defaults), then set fields.
- */
-typedef struct ublk_nbd_config {
-  /**
-   * Server host name or address. Required. Borrowed during the call.
-   */
-  const char *host;
-  /**
-   * Export name; NULL or "" is the server's default export. Borrowed.
-   */
-  const char *export_name;
-  /**
-   * TCP port. Default 10809.
-   */
-  uint16_t port;
-  /**
-   * TCP connections per queue (1..=16). Default 1.
-   */
-  uint16_t connections;
-  /**
-   * A request not answered this long after it arrived fails with EIO
-   * (a dropped connection is reconnected meanwhile and its requests are
-   * sent again). Also bounds each connect and handshake (at most 10 s).
-   * At least 1000. Default 30000.
-   */
-  uint32_t timeout_ms;
-  /**
-   * Must stay zero.
-   */
-  uint64_t reserved[4];
-} ublk_nbd_config;
 
 #ifdef __cplusplus
 extern "C" {
@@ -738,31 +727,38 @@ int ublk_io_fallocate(struct ublk_io *io,
                       void *cb_user);
 
 /**
- * Fills `*nbd` with the defaults. Any thread.
+ * Routes READ (`UBLK_MAP_READ`) and/or WRITE (`UBLK_MAP_WRITE`) requests
+ * that fall entirely inside device bytes [`offset`, `offset + len`) to IO on
+ * `fd` at `file_offset + (request offset - offset)`: the queue thread lends
+ * the request's buffer to that IO (zero copy where the data mode allows)
+ * and completes the request when it is over, without calling the target.
+ * A request that is not inside one extent, or of another op, reaches the
+ * target as usual. A new extent replaces the parts of older ones it
+ * overlaps. Any thread, any time after `ublk_dev_new`; requests a queue
+ * starts after the call see the change.
+ *
+ * `offset` and `len` are multiples of the logical block size inside the
+ * device. `fd` is borrowed: keep it open until it is unmapped and the
+ * requests using it completed (a closed fd fails them with EBADF; each
+ * queue keeps the file in its ring's file table while an extent uses it).
+ *
+ * Returns 0, or -EINVAL (NULL dev, bad range, fd < 0, flags not a non-empty
+ * combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents).
  */
-int ublk_nbd_config_init(struct ublk_nbd_config *nbd);
+int32_t ublk_dev_map(struct ublk_dev *dev,
+                     uint64_t offset,
+                     uint64_t len,
+                     int32_t fd,
+                     uint64_t file_offset,
+                     uint32_t flags);
 
 /**
- * Creates a device served by the built-in NBD client: connects to the
- * export once to learn its size and flags, then ADD_DEV & co as
- * `ublk_dev_new`. The device's size is the export's (`cfg->size` must be 0),
- * and read-only, FLUSH/FUA, discard and write-zeroes follow the export;
- * `cfg->target_name` and `cfg->target_args` are replaced ("nbd" and the
- * export's address, recorded for `ublk recover`). `cfg` NULL: the defaults
- * of `ublk_dev_config_init`. Serve it with `ublk_dev_start` or
- * `ublk_dev_serve` (each queue then opens `connections` TCP connections),
- * free it with `ublk_dev_free`; `*out` owns the new device.
- *
- * Errors: -EINVAL (bad configuration), -ECONNREFUSED & co (server
- * unreachable), -ENXIO (unknown host), -ENOENT (no such export),
- * -EOPNOTSUPP (server without fixed newstyle, TLS required, or several
- * connections to a server that does not allow them), -EPROTO (the server
- * does not speak NBD properly), -ETIMEDOUT, and those of `ublk_dev_new`.
- * Any thread.
+ * Removes device bytes [`offset`, `offset + len`) from the route table:
+ * requests there reach the target again (those already lent finish on
+ * their fd). Unmapping what is not mapped is not an error. Any thread.
+ * Returns 0, or -EINVAL (NULL dev, bad range as in `ublk_dev_map`).
  */
-int ublk_nbd_dev_new(const struct ublk_dev_config *cfg,
-                     const struct ublk_nbd_config *nbd,
-                     struct ublk_dev **out);
+int32_t ublk_dev_unmap(struct ublk_dev *dev, uint64_t offset, uint64_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

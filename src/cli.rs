@@ -90,6 +90,7 @@ pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
             "--zero-copy" | "-z" => a.cfg.zero_copy = value()?.parse().map_err(|e: Error| format!("--zero-copy: {}", e.message()))?,
             "--recovery" | "-r" => a.cfg.recovery = value()?.parse().map_err(|e: Error| format!("--recovery: {}", e.message()))?,
             "--state-dir" => a.cfg.state_dir = PathBuf::from(value()?),
+            "--affinity" => a.cfg.affinity = value()?.parse().map_err(|e: Error| format!("--affinity: {}", e.message()))?,
             "--foreground" => a.foreground = true,
             "--host" => {
                 a.nbd.host = value()?;
@@ -155,5 +156,8 @@ mod tests {
         assert!(parse_add(&v("nbd --port 70000")).is_err());
         assert!(parse_add(&v("nbd --connections x")).is_err());
         assert!(parse_add(&v("nbd --host")).is_err());
+        assert_eq!(parse_add(&v("null")).unwrap().cfg.affinity, crate::Affinity::Single);
+        assert_eq!(parse_add(&v("null --affinity all")).unwrap().cfg.affinity, crate::Affinity::All);
+        assert!(parse_add(&v("null --affinity some")).unwrap_err().contains("want single or all"));
     }
 }

@@ -141,6 +141,52 @@ pub struct DeviceConfig {
     pub state_dir: PathBuf,
     /// Bound on each wait for the kernel (START, STOP, DEL, device nodes).
     pub timeout: Duration,
+    /// Which CPUs each queue thread runs on (see [`Affinity`]).
+    pub affinity: Affinity,
+}
+
+/// CPU placement of the queue threads (and of the io_uring workers they
+/// start, which inherit it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Affinity {
+    /// One CPU of the set the kernel maps to the queue (`GET_QUEUE_AFFINITY`),
+    /// the one at index `device id mod set size`, so that single-queue
+    /// devices spread over the CPUs: the thread keeps its caches and never
+    /// migrates (what libublk-rs and rublk do by default). The default.
+    #[default]
+    Single,
+    /// The whole set the kernel maps to the queue: the scheduler places the
+    /// thread.
+    All,
+}
+
+impl Affinity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Affinity::Single => "single",
+            Affinity::All => "all",
+        }
+    }
+
+    /// The CPUs a queue thread of device `dev_id` runs on, given the set the
+    /// kernel maps to its queue.
+    pub fn pick(self, dev_id: u32, set: &[usize]) -> Vec<usize> {
+        match (self, set.len()) {
+            (Affinity::Single, n) if n > 0 => vec![set[dev_id as usize % n]],
+            _ => set.to_vec(),
+        }
+    }
+}
+
+impl std::str::FromStr for Affinity {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Affinity> {
+        match s {
+            "single" => Ok(Affinity::Single),
+            "all" => Ok(Affinity::All),
+            _ => Err(Error::inval(format!("affinity '{s}': want single or all"))),
+        }
+    }
 }
 
 impl Default for DeviceConfig {
@@ -165,6 +211,7 @@ impl Default for DeviceConfig {
             recovery: Recovery::None,
             state_dir: crate::state::default_dir(),
             timeout: DEFAULT_TIMEOUT,
+            affinity: Affinity::Single,
         }
     }
 }
@@ -301,6 +348,7 @@ impl DeviceConfig {
         s.set("needs_buffer", flag(self.needs_buffer));
         s.set("flags", format!("{:#x}", self.flags));
         s.set("timeout_ms", self.timeout.as_millis().to_string());
+        s.set("affinity", self.affinity.name());
         for (k, v) in &self.target_args {
             s.set(&format!("{ARG_PREFIX}{k}"), v.clone());
         }
@@ -347,6 +395,11 @@ impl DeviceConfig {
             recovery: parse_field(s, "recovery")?,
             state_dir: crate::state::default_dir(),
             timeout: Duration::from_millis(parse_field(s, "timeout_ms")?),
+            // (state files written before the field existed: the default)
+            affinity: match s.get("affinity") {
+                None => Affinity::default(),
+                Some(_) => parse_field(s, "affinity")?,
+            },
         };
         cfg.validate()?;
         Ok(cfg)

@@ -362,7 +362,8 @@ impl Device {
         let (exit_tx, exit_rx) = crossbeam_channel::unbounded();
         let nq = self.info.nr_hw_queues;
         for q in 0..nq {
-            let affinity = self.ctrl.get_queue_affinity(self.info.dev_id, q).unwrap_or_default();
+            let set = self.ctrl.get_queue_affinity(self.info.dev_id, q).unwrap_or_default();
+            let affinity = self.cfg.affinity.pick(self.info.dev_id, &set);
             let setup = QueueSetup {
                 dev_id: self.info.dev_id,
                 q_id: q,

@@ -49,7 +49,7 @@ mod stats;
 mod target;
 pub mod targets;
 
-pub use config::{DeviceConfig, DiscardLimits, Recovery};
+pub use config::{Affinity, DeviceConfig, DiscardLimits, Recovery};
 pub use device::{data_mode_name, delete_device, feature_names, kernel_features, Device, StopHandle};
 pub use error::{errno_name, strerror, Error, Result};
 pub use io::{Completion, Io, IoFlags, Op, Request};

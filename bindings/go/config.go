@@ -132,6 +132,9 @@ type Config struct {
 	// "file=/srv/disk.img") for the process that recovers the device
 	// (Device.TargetArgs). Optional.
 	TargetArgs string
+	// AllCPUs: each queue thread runs on the whole CPU set the kernel maps
+	// to its queue. Default (false): on one CPU of that set, where it stays.
+	AllCPUs bool
 
 	// OnError gets backend errors (*IOError) and recovered panics
 	// (*PanicError) while serving, from any goroutine; nil logs them with
@@ -197,6 +200,10 @@ func (cfg *Config) cConfig(c *C.struct_ublk_dev_config) error {
 		return invalid("Recovery %d: unknown (want RecoveryNone, RecoveryReissue, RecoveryFail or RecoveryWait)", uint32(cfg.Recovery))
 	}
 	c.recovery = C.uint32_t(cfg.Recovery)
+	c.cpu_affinity = C.UBLK_AFFINITY_SINGLE
+	if cfg.AllCPUs {
+		c.cpu_affinity = C.UBLK_AFFINITY_ALL
+	}
 	for _, s := range []struct{ name, v string }{{"Name", cfg.Name}, {"StateDir", cfg.StateDir}, {"TargetArgs", cfg.TargetArgs}} {
 		if strings.IndexByte(s.v, 0) >= 0 {
 			return invalid("%s %q: contains a NUL byte", s.name, s.v)

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"math"
 	"runtime"
 	"runtime/cgo"
 	"strings"
@@ -366,6 +367,50 @@ func (d *Device) Serve(ctx context.Context) error {
 	case <-d.closed:
 	}
 	return d.Close()
+}
+
+// MapFlags say which requests a mapped extent serves (Device.Map).
+type MapFlags uint32
+
+const (
+	// MapRead: READ requests in the extent are filled from the file.
+	MapRead MapFlags = C.UBLK_MAP_READ
+	// MapWrite: WRITE requests in the extent go to the file (FUA: RWF_DSYNC).
+	MapWrite MapFlags = C.UBLK_MAP_WRITE
+)
+
+// Map routes READ (MapRead) and/or WRITE (MapWrite) requests that fall
+// entirely inside device bytes [offset, offset+length) to IO on fd at
+// fileOffset + (request offset - offset): the engine lends each such request
+// to that IO and completes it, without calling the backend at all. Other
+// requests reach the backend as usual. A new extent replaces what it
+// overlaps; requests started after the call see the change. Keep fd open
+// while it is mapped. Any goroutine, before or while serving. Errors:
+// EINVAL (range outside the device or not block-aligned, no flags), EBADF,
+// ENOSPC (65536 extents).
+func (d *Device) Map(offset, length uint64, fd int, fileOffset uint64, flags MapFlags) error {
+	if fd < 0 || fd > math.MaxInt32 {
+		return &Error{Op: "map", Errno: syscall.EBADF, Detail: fmt.Sprintf("bad fd %d", fd)}
+	}
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.dev == nil {
+		return ErrClosed
+	}
+	return call("map", func() C.int {
+		return C.ublk_dev_map(d.dev, C.uint64_t(offset), C.uint64_t(length), C.int(fd), C.uint64_t(fileOffset), C.uint32_t(flags))
+	})
+}
+
+// Unmap removes device bytes [offset, offset+length) from the routes of Map:
+// requests there reach the backend again.
+func (d *Device) Unmap(offset, length uint64) error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	if d.dev == nil {
+		return ErrClosed
+	}
+	return call("unmap", func() C.int { return C.ublk_dev_unmap(d.dev, C.uint64_t(offset), C.uint64_t(length)) })
 }
 
 // Stop stops serving (any goroutine): requests in flight fail, the queue

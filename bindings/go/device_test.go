@@ -752,3 +752,64 @@ func TestLeaseSocket(t *testing.T) {
 		}
 	}
 }
+
+// Map: bad extents are refused with the right errno; READ/WRITE inside a
+// mapped extent go to the file (at its file offset) and never reach the
+// backend, the rest does; after Unmap the backend gets them again.
+func TestMap(t *testing.T) {
+	const size = 16 << 20
+	m := &mem{b: make([]byte, size)}
+	d := newDev(t, Config{Size: size, Depth: 16}, m)
+	file, err := os.CreateTemp("", "ublk-map-*.img")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.Remove(file.Name())
+	defer file.Close()
+	if err := file.Truncate(size + 1<<20); err != nil {
+		t.Fatal(err)
+	}
+	fd := int(file.Fd())
+	for _, c := range []struct {
+		off, n uint64
+		fd     int
+		fl     MapFlags
+		want   syscall.Errno
+	}{
+		{0, size + 4096, fd, MapRead, syscall.EINVAL},
+		{100, 4096, fd, MapRead, syscall.EINVAL},
+		{0, 0, fd, MapRead, syscall.EINVAL},
+		{0, 4096, -1, MapRead, syscall.EBADF},
+		{0, 4096, fd, 0, syscall.EINVAL},
+	} {
+		var e *Error
+		if err := d.Map(c.off, c.n, c.fd, 0, c.fl); !errors.As(err, &e) || e.Errno != c.want {
+			t.Errorf("Map(%d, %d, fd %d, flags %d) = %v, want %v", c.off, c.n, c.fd, c.fl, err, c.want)
+		}
+	}
+	if err := d.Map(0, size/2, fd, 1<<20, MapRead|MapWrite); err != nil {
+		t.Fatalf("Map: %v", err)
+	}
+	f := openDev(t, d)
+	mapped := writeRead(t, f, []int64{0, 4096, size/2 - 8192}, 4096, 7)
+	writeRead(t, f, []int64{size / 2, size - 4096}, 4096, 9)
+	got := make([]byte, 4096)
+	for off, want := range mapped {
+		if _, err := file.ReadAt(got, off+1<<20); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("mapped write at %d is not in the file at %d (%v)", off, off+1<<20, err)
+		}
+		if bytes.Equal(m.get(off, 4096), want) {
+			t.Fatalf("mapped write at %d reached the backend", off)
+		}
+	}
+	if bytes.Equal(m.get(size/2, 4096), make([]byte, 4096)) {
+		t.Fatalf("the unmapped half's write did not reach the backend")
+	}
+	if err := d.Unmap(0, size/2); err != nil {
+		t.Fatalf("Unmap: %v", err)
+	}
+	r := alignedBuf(t, 4096)
+	if _, err := f.ReadAt(r, 0); err != nil || !bytes.Equal(r, m.get(0, 4096)) {
+		t.Fatalf("after Unmap a read at 0 is not the backend's data (%v)", err)
+	}
+}

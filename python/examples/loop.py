@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """A loop device whose data never passes through Python: each READ/WRITE
 lends the request's buffer to IO on the backing file (pyublk leases, zero
-copy where the kernel allows); Python only decides where it goes.
+copy where the kernel allows); Python only decides where it goes: once, for
+the whole device (Device.map: the engine then serves READ and WRITE without
+calling Python), or with --per-request for each request (route(), one call
+per batch of requests).
 
-    loop.py --file F [--queues 1] [--depth 64] [--zero-copy auto] [--recovery POLICY]
+    loop.py --file F [--queues 1] [--depth 64] [--zero-copy auto] [--recovery POLICY] [--per-request]
     loop.py --recover ID
 
 --recovery reissue|fail|wait: the device survives this process dying (even
@@ -99,6 +102,9 @@ def main() -> int:
     p.add_argument("--queues", default=1, type=int)
     p.add_argument("--depth", default=64, type=int)
     p.add_argument("--zero-copy", default="auto")
+    p.add_argument("--per-request", action="store_true",
+                   help="decide each READ/WRITE in route() (one call per batch) instead of mapping "
+                        "the whole file once (Device.map)")
     p.add_argument("--recovery", choices=("none", "reissue", "fail", "wait"),
                    help="crash recovery policy of a new device (default none)")
     a = p.parse_args()
@@ -119,6 +125,10 @@ def main() -> int:
         print(f"loop: {e}", file=sys.stderr)
         return 1
     with dev:
+        if not a.per_request:
+            # the whole device is the file at the same offsets: READ and WRITE
+            # never reach Python (route() stays for requests outside the map)
+            dev.map(0, dev.size, target.fd)
         dev.start()  # the path exists (and a recovered device serves again) before we say so
         print(dev.id, dev.path, flush=True)
         dev.serve()

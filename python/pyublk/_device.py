@@ -25,6 +25,7 @@ _MODES = {
 }
 
 
+_AFFINITY = {"single": L.UBLK_AFFINITY_SINGLE, "all": L.UBLK_AFFINITY_ALL}
 _RECOVERY = {
     "none": L.UBLK_RECOVERY_NONE,
     "reissue": L.UBLK_RECOVERY_REISSUE,
@@ -282,6 +283,9 @@ class Device:
     at once (the reader sees EIO or EREMOTEIO). "none" (default): the
     device is stopped.
 
+    `affinity`: "single" (default) runs each queue thread on one CPU of the
+    set the kernel maps to its queue; "all" on the whole set.
+
     Attributes: `id`, `path`, `size`, `queues`, `depth`, `data_mode`,
     `recovery` (policy name), `target_name`, `target_args` (str or None).
 
@@ -294,7 +298,7 @@ class Device:
                  logical_block_size: int = 512, max_io_size: int = 512 << 10, read_only: bool = False,
                  zero_copy: str = "auto", needs_buffer: Optional[bool] = None, discard: Optional[bool] = None,
                  dev_id: Optional[int] = None, name: str = "python", recovery: str = "none",
-                 target_args: Optional[str] = None):
+                 target_args: Optional[str] = None, affinity: str = "single"):
         self._dev = ctypes.c_void_p()
         has_handle, simple = self._setup(target)
         for k, v in (("size", size), ("queues", queues), ("depth", depth),
@@ -313,6 +317,8 @@ class Device:
             raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
         if not isinstance(recovery, str) or recovery not in _RECOVERY:
             raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
+        if affinity not in _AFFINITY:
+            raise ValueError(f"affinity must be one of {', '.join(_AFFINITY)}, got {affinity!r}")
         args = _c_string("target_args", target_args)
         if needs_buffer is None:
             needs_buffer = bool(simple & {"read", "write"}) and not has_handle
@@ -337,6 +343,7 @@ class Device:
         cfg.target_name = _c_string("name", name)
         cfg.recovery = _RECOVERY[recovery]
         cfg.target_args = args
+        cfg.cpu_affinity = _AFFINITY[affinity]
         _check(lib.ublk_dev_new(ctypes.byref(cfg), ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
                "ublk_dev_new")
         self._load_info()
@@ -541,6 +548,34 @@ class Device:
                 signal.signal(signal.SIGTERM, old)
         self.stop()
         self.wait(30)
+
+    def map(self, offset: int, length: int, fd: int, file_offset: Optional[int] = None, *,
+            read: bool = True, write: bool = True) -> None:
+        """Routes READ (`read`) and/or WRITE (`write`) requests that fall
+        entirely inside device bytes [offset, offset + length) to IO on `fd`
+        at `file_offset + (request offset - offset)` (default file_offset:
+        offset): the engine lends each such request to that IO and completes
+        it, with no call into Python at all. Other requests reach the target
+        as usual. A new extent replaces what it overlaps; requests started
+        after the call see the change. Keep `fd` open while it is mapped.
+        Any thread, before or while serving. UblkError EINVAL (range not in
+        the device or not block-aligned, no direction), EBADF, ENOSPC (65536
+        extents)."""
+        flags = (L.UBLK_MAP_READ if read else 0) | (L.UBLK_MAP_WRITE if write else 0)
+        for k, v in (("offset", offset), ("length", length), ("fd", fd)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{k} must be a non-negative int, got {v!r}")
+        file_offset = offset if file_offset is None else file_offset
+        if not isinstance(file_offset, int) or file_offset < 0:
+            raise ValueError(f"file_offset must be a non-negative int, got {file_offset!r}")
+        _check(L.lib().ublk_dev_map(self._live(), offset, length, fd, file_offset, flags), "map")
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Removes device bytes [offset, offset + length) from the routes of
+        `map`: requests there reach the target again."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be non-negative")
+        _check(L.lib().ublk_dev_unmap(self._live(), offset, length), "unmap")
 
     def stop(self) -> None:
         """Stops the device (any thread); pending requests are aborted."""

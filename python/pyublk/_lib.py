@@ -28,6 +28,10 @@ UBLK_RECOVERY_NONE = 0
 UBLK_RECOVERY_REISSUE = 1
 UBLK_RECOVERY_FAIL = 2
 UBLK_RECOVERY_WAIT = 3
+UBLK_AFFINITY_SINGLE = 0
+UBLK_AFFINITY_ALL = 1
+UBLK_MAP_READ = 1
+UBLK_MAP_WRITE = 2
 
 CONSTANTS = {k: v for k, v in dict(globals()).items() if k.startswith("UBLK_")}
 
@@ -56,7 +60,7 @@ class ublk_dev_config(Structure):
         ("target_name", c_char_p),
         ("state_dir", c_char_p),
         ("recovery", c_uint32),
-        ("reserved32", c_uint32),
+        ("cpu_affinity", c_uint32),
         ("target_args", c_char_p),
         ("reserved", c_uint64 * 6),
     ]
@@ -149,6 +153,8 @@ FUNCTIONS = {
     "ublk_dev_serve": (c_int, [_dev]),
     "ublk_dev_wait": (c_int, [_dev, c_int]),
     "ublk_dev_stop": (c_int, [_dev]),
+    "ublk_dev_map": (c_int, [_dev, c_uint64, c_uint64, c_int, c_uint64, c_uint32]),
+    "ublk_dev_unmap": (c_int, [_dev, c_uint64, c_uint64]),
     "ublk_dev_free": (None, [_dev]),
     "ublk_dev_id": (c_int, [_dev]),
     "ublk_dev_path": (c_char_p, [_dev]),

@@ -88,9 +88,10 @@ def backing():
     os.unlink(path)
 
 
-@pytest.mark.parametrize("mode", ["auto", "copy"])
-def test_loop_example_leases(backing, mode):
-    ex = Example(str(EXAMPLES / "loop.py"), "--file", backing, "--zero-copy", mode)
+@pytest.mark.parametrize("mode,how", [("auto", "map"), ("copy", "map"), ("auto", "per-request")])
+def test_loop_example_leases(backing, mode, how):
+    extra = ["--per-request"] if how == "per-request" else []
+    ex = Example(str(EXAMPLES / "loop.py"), "--file", backing, "--zero-copy", mode, *extra)
     try:
         fio_verify(ex.path)
         with open(ex.path, "rb", buffering=0) as d, open(backing, "rb") as f:
@@ -186,6 +187,93 @@ def test_exception_fails_one_io_and_device_keeps_serving(caplog):
             t.kept[0] = 1
         dev.stop()
         assert dev.wait(30)
+
+
+class HalfMapped:
+    """The second half of the device in Python (a bytearray); the first half
+    is the file at FILE_OFF, mapped, so Python sees a READ/WRITE there only
+    when it also crosses into the second half (then it moves that part
+    itself, with pread/pwrite on the file: the engine lends only requests
+    that lie inside one extent)."""
+
+    FILE_OFF = 8 << 20
+
+    def __init__(self, size: int, fd: int):
+        self.size, self.fd = size, fd
+        self.mem = bytearray(size)
+        self.seen = []  # (op, offset, length) of the READ/WRITE requests Python got
+        self.file_below = size // 2  # device bytes below this are the file's
+
+    def handle(self, io):
+        if io.op not in ("read", "write"):
+            io.complete(0)
+            return
+        self.seen.append((io.op, io.offset, io.length))
+        off, end, buf = io.offset, io.offset + io.length, io.buf
+        cut = min(max(off, self.file_below), end)  # [off, cut) in the file, [cut, end) in memory
+        if io.op == "read":
+            if cut > off:
+                buf[:cut - off] = os.pread(self.fd, cut - off, self.FILE_OFF + off)
+            buf[cut - off:] = self.mem[cut:end]
+        else:
+            if cut > off:
+                os.pwrite(self.fd, buf[:cut - off], self.FILE_OFF + off)
+            self.mem[cut:end] = buf[cut - off:]
+        io.complete(io.length)
+
+
+def test_map_routes_reads_and_writes_past_python(backing):
+    size = 32 << 20
+    fd = os.open(backing, os.O_RDWR)
+    t = HalfMapped(size, fd)
+    try:
+        with pyublk.Device(t, size=size, depth=16, zero_copy="copy", needs_buffer=True) as dev:
+            # refusals: clear errors, nothing mapped
+            for args, err in (((0, size + 4096, fd), errno.EINVAL), ((512 + 1, 4096, fd), errno.EINVAL),
+                              ((0, 0, fd), errno.EINVAL)):
+                with pytest.raises(pyublk.UblkError) as e:
+                    dev.map(*args)
+                assert e.value.errno == err, (args, e.value)
+            with pytest.raises(pyublk.UblkError) as e:
+                dev.map(0, 4096, fd, read=False, write=False)
+            assert e.value.errno == errno.EINVAL
+            with pytest.raises(ValueError):
+                dev.map(0, 4096, -1)
+            # the first half is the file, at file offset 8 MiB
+            dev.map(0, size // 2, fd, t.FILE_OFF)
+            dev.start()
+            fio_verify(dev.path, size="32M")
+            assert t.seen, "Python served nothing: the unmapped half must reach it"
+            inside = [x for x in t.seen if x[1] + x[2] <= size // 2]
+            assert not inside, f"Python got requests inside the mapped half: {inside[:5]}"
+            # the file holds the first half, shifted by 8 MiB
+            with open(dev.path, "rb", buffering=0) as d, open(backing, "rb") as f:
+                f.seek(8 << 20)
+                assert d.read(1 << 20) == f.read(1 << 20), "the mapped half is not the file"
+            # read-only map of the first 4 MiB: writes there go to Python
+            # (which writes them to the file itself: file_below stays)
+            dev.map(0, 4 << 20, fd, t.FILE_OFF, write=False)
+            t.seen.clear()
+            wfd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            buf[:] = b"\x77" * 4096
+            assert os.pwritev(wfd, [buf], 1 << 20) == 4096
+            os.close(wfd)
+            assert ("write", 1 << 20, 4096) in t.seen, t.seen
+            t.seen.clear()
+            assert read_at(dev.path, 1 << 20) == b"\x77" * 4096, "the read-only extent does not serve the file"
+            assert not t.seen, f"a read inside a read-only extent reached Python: {t.seen}"
+            # unmapped, and Python's memory now holds the first half: reads
+            # there reach Python again
+            dev.unmap(0, size // 2)
+            t.file_below = 0
+            t.seen.clear()
+            assert read_at(dev.path, 4096) == bytes(4096)
+            assert ("read", 4096, 4096) in t.seen, t.seen
+            dev.stop()
+            assert dev.wait(30)
+    finally:
+        os.close(fd)
 
 
 class LeaseRules:

@@ -17,6 +17,7 @@ usage: ublk add null|mem|loop [--queues N] [--depth D] [--size S] [--file F] [--
                 [--max-io-size S] [--logical-block-size N] [--read-only] [--id N]
                 [--zero-copy auto|auto-buf-reg|register|user-copy|copy]
                 [--recovery none|reissue|fail|wait] [--state-dir DIR]
+                [--affinity single|all]
        ublk add nbd --host H [--port P] [--export NAME] [--connections N] [--timeout SECS]
                 [the common options above but --size and --file]
        ublk recover ID [--foreground] [--state-dir DIR]
@@ -30,6 +31,10 @@ Sizes take K/M/G/T suffixes (powers of 1024). `add` prints `<id> <path>` once
 --foreground is given (then it serves until SIGINT/SIGTERM). --zero-copy
 chooses how data moves (default auto: the best the kernel offers; the mem
 target always copies); `list` shows the mode of each device.
+
+--affinity: each queue thread runs on one CPU of the set the kernel maps to
+its queue (single, the default: index device id mod set size), or on the whole
+set (all).
 
 --recovery keeps the device when its server dies (even kill -9): reissue sends
 the requests the dead server held to the next server, fail fails all IO until

@@ -66,8 +66,9 @@ pub struct ublk_dev_config {
     /// device is stopped), _REISSUE, _FAIL or _WAIT (the device survives and
     /// a new process takes it over with `ublk_dev_recover`).
     pub recovery: u32,
-    /// Must stay zero.
-    pub reserved32: u32,
+    /// CPUs of each queue thread: UBLK_AFFINITY_SINGLE (default: one CPU of
+    /// the set the kernel maps to the queue) or UBLK_AFFINITY_ALL (the set).
+    pub cpu_affinity: u32,
     /// The target's own arguments (free text, e.g. "file=/srv/disk.img"),
     /// recorded in the state file so that a recovering process can read them
     /// back (`ublk_dev_target_args`); NULL = none. Borrowed, as above.
@@ -86,6 +87,13 @@ pub const UBLK_RECOVERY_REISSUE: u32 = 1;
 pub const UBLK_RECOVERY_FAIL: u32 = 2;
 /// The requests the dead server held fail; new IO waits for the next server.
 pub const UBLK_RECOVERY_WAIT: u32 = 3;
+
+/// `ublk_dev_config.cpu_affinity`: each queue thread runs on one CPU of the
+/// set the kernel maps to its queue (index: device id mod set size), and
+/// never migrates.
+pub const UBLK_AFFINITY_SINGLE: u32 = 0;
+/// Each queue thread runs on the whole set the kernel maps to its queue.
+pub const UBLK_AFFINITY_ALL: u32 = 1;
 
 /// The state-file entry that holds `ublk_dev_config.target_args`.
 const C_ARGS_KEY: &str = "c";
@@ -121,7 +129,7 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
             target_name: std::ptr::null(),
             state_dir: std::ptr::null(),
             recovery: UBLK_RECOVERY_NONE,
-            reserved32: 0,
+            cpu_affinity: UBLK_AFFINITY_SINGLE,
             target_args: std::ptr::null(),
             reserved: [0; 6],
         };
@@ -132,7 +140,7 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
 }
 
 pub(crate) fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
-    if c.reserved.iter().any(|&r| r != 0) || c.reserved32 != 0 {
+    if c.reserved.iter().any(|&r| r != 0) {
         return Err(Error::inval("cfg.reserved must be zero (initialise cfg with ublk_dev_config_init)"));
     }
     let dev_id = match c.dev_id {
@@ -172,6 +180,11 @@ pub(crate) fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
             UBLK_RECOVERY_FAIL => Recovery::Fail,
             UBLK_RECOVERY_WAIT => Recovery::Wait,
             r => return Err(Error::inval(format!("recovery {r} is not a UBLK_RECOVERY_* value"))),
+        },
+        affinity: match c.cpu_affinity {
+            UBLK_AFFINITY_SINGLE => crate::Affinity::Single,
+            UBLK_AFFINITY_ALL => crate::Affinity::All,
+            a => return Err(Error::inval(format!("cpu_affinity {a} is not a UBLK_AFFINITY_* value"))),
         },
         timeout: Duration::from_millis(c.timeout_ms as u64),
         ..Default::default()
@@ -260,6 +273,8 @@ pub(crate) struct FfiDevShared {
     pub ops: ublk_target_ops,
     pub user: *mut c_void,
     pub queues: Vec<Arc<FfiQueue>>,
+    /// The route table (`ublk_dev_map`).
+    pub routes: super::route::Routes,
 }
 
 // SAFETY: `user` is the caller's pointer, documented to be usable from the
@@ -278,9 +293,21 @@ pub struct ublk_dev {
     target_args: Option<CString>,
     /// A built-in target (`ublk_nbd_dev_new`) instead of the C callbacks.
     builtin: Option<TargetFactory>,
+    block_size: u32,
 }
 
-fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
+impl ublk_dev {
+    /// Device size and logical block size in bytes.
+    pub(crate) fn size_and_block(&self) -> (u64, u32) {
+        (self.info.size, self.block_size)
+    }
+
+    pub(crate) fn routes(&self) -> &super::route::Routes {
+        &self.shared.routes
+    }
+}
+
+pub(crate) fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
     // SAFETY: a non-null dev comes from ublk_dev_new and is valid until
     // ublk_dev_free (documented ownership rule).
     unsafe { dev.as_ref() }.ok_or_else(|| null_err("dev"))
@@ -339,15 +366,17 @@ fn wrap_with(dev: Device, ops: ublk_target_ops, user: *mut c_void, builtin: Opti
         recovery: cfg.recovery as u32,
     };
     let cstr = |s: &str| CString::new(s.replace('\0', " ")).unwrap_or_default();
+    let block_size = cfg.logical_block_size;
     Box::new(ublk_dev {
         path: cstr(&dev.block_path().display().to_string()),
         target_name: cstr(&cfg.target_name),
         target_args: cfg.target_arg(C_ARGS_KEY).map(cstr),
         stop: dev.stop_handle(),
         dev: Mutex::new(Some(dev)),
-        shared: Arc::new(FfiDevShared { ops, user, queues }),
+        shared: Arc::new(FfiDevShared { ops, user, queues, routes: Default::default() }),
         info,
         builtin,
+        block_size,
     })
 }
 

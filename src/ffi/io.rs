@@ -122,6 +122,8 @@ pub(crate) struct FfiTarget {
     q: Arc<FfiQueue>,
     /// The requests of this pass over the ring, for `handle_batch`.
     batch: Vec<ublk_io_batch_entry>,
+    /// This queue's view of the route table (`ublk_dev_map`).
+    routes: super::route::QueueRoutes,
 }
 
 impl FfiTarget {
@@ -146,7 +148,35 @@ impl FfiTarget {
             }
             q.data.store(data, Ordering::Release);
         }
-        Ok(FfiTarget { dev, q, batch: Vec::new() })
+        Ok(FfiTarget { dev, q, batch: Vec::new(), routes: Default::default() })
+    }
+
+    /// Lends a READ/WRITE request inside a mapped extent to its fd
+    /// (`ublk_dev_map`); false when the request goes to the target.
+    fn route(&mut self, ctx: &mut QueueCtx<'_>, io: &Io<'_>) -> bool {
+        use super::route::{UBLK_MAP_READ, UBLK_MAP_WRITE};
+        let need = match io.op() {
+            Op::Read => UBLK_MAP_READ,
+            Op::Write => UBLK_MAP_WRITE,
+            _ => return false,
+        };
+        for fd in self.routes.refresh(&self.dev.routes) {
+            let _ = ctx.unregister_fd(fd);
+        }
+        let Some((fd, file_off)) = self.routes.lookup(io.offset(), io.len(), need) else { return false };
+        if !self.routes.registered.contains(&fd) && ctx.core.fixed_slot(fd).is_none() && ctx.register_fd(fd).is_ok() {
+            self.routes.registered.push(fd); // (one the target registered itself stays its own)
+        }
+        let (tag, len) = (io.tag(), io.len());
+        let r = if need == UBLK_MAP_READ {
+            ctx.lease(tag).read_into(fd, file_off, 0..len, NO_CB)
+        } else {
+            ctx.lease(tag).write_from(fd, file_off, 0..len, NO_CB)
+        };
+        if let Err(e) = r {
+            let _ = ctx.complete(tag, e.neg_errno());
+        }
+        true
     }
 
     fn io_ptr(&self, tag: u16) -> *mut ublk_io {
@@ -173,6 +203,9 @@ impl Target for FfiTarget {
         // SAFETY: only the queue thread writes `req`, and the tag is not held by
         // anyone now (a new request just arrived on it).
         unsafe { *(*p).req.get() = io.req };
+        if self.route(ctx, &io) {
+            return;
+        }
         if self.dev.ops.handle_batch.is_some() {
             self.batch.push(ublk_io_batch_entry::new(p, &io.req, self.q.q_id));
             return;

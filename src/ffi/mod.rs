@@ -13,6 +13,7 @@ mod batch;
 mod device;
 mod io;
 mod nbd;
+mod route;
 
 use crate::error::Error;
 use once_cell::sync::Lazy;
@@ -25,6 +26,7 @@ pub use batch::*;
 pub use device::*;
 pub use io::*;
 pub use nbd::*;
+pub use route::{ublk_dev_map, ublk_dev_unmap, UBLK_MAP_READ, UBLK_MAP_WRITE};
 
 /// Returned (negated) when the engine panicked inside a call (a bug in libublk).
 pub(crate) const PANIC_ERRNO: c_int = libc::ENOTRECOVERABLE;

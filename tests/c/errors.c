@@ -74,9 +74,9 @@ static void host_checks(void)
     cfg.reserved[3] = 1;
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.reserved[3] = 0;
-    cfg.reserved32 = 1;
+    cfg.cpu_affinity = 2; /* not a UBLK_AFFINITY_* value */
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
-    cfg.reserved32 = 0;
+    cfg.cpu_affinity = UBLK_AFFINITY_SINGLE;
     cfg.recovery = 4; /* not a UBLK_RECOVERY_* value */
     EXPECT(ublk_dev_new(&cfg, &ops, NULL, &dev), -EINVAL);
     cfg.recovery = UBLK_RECOVERY_REISSUE;
@@ -372,6 +372,25 @@ static void kernel_checks(void)
     CHECK(st.ios >= 3 && st.errors >= 1 && st.in_flight == 0, "stats ios %llu errors %llu in_flight %llu",
           (unsigned long long)st.ios, (unsigned long long)st.errors, (unsigned long long)st.in_flight);
     EXPECT(ublk_dev_queue_stats(dev, 9, &st), -EINVAL);
+
+    /* route table: bad input refused with a clear errno, nothing mapped */
+    {
+        uint64_t size = 0;
+        struct ublk_dev_info di;
+        EXPECT(ublk_dev_get_info(dev, &di), 0);
+        size = di.size;
+        EXPECT(ublk_dev_map(NULL, 0, 4096, 0, 0, UBLK_MAP_READ), -EINVAL);
+        EXPECT(ublk_dev_map(dev, 0, 0, 0, 0, UBLK_MAP_READ), -EINVAL);          /* empty */
+        EXPECT(ublk_dev_map(dev, 100, 4096, 0, 0, UBLK_MAP_READ), -EINVAL);     /* not block-aligned */
+        EXPECT(ublk_dev_map(dev, 0, size + 4096, 0, 0, UBLK_MAP_READ), -EINVAL); /* past the end */
+        EXPECT(ublk_dev_map(dev, size - 4096, UINT64_MAX - 511, 0, 0, UBLK_MAP_READ), -EINVAL); /* wraps */
+        EXPECT(ublk_dev_map(dev, 0, 4096, -1, 0, UBLK_MAP_READ), -EBADF);
+        EXPECT(ublk_dev_map(dev, 0, 4096, 0, 0, 0), -EINVAL);                   /* no direction */
+        EXPECT(ublk_dev_map(dev, 0, 4096, 0, 0, 4), -EINVAL);                   /* unknown flag */
+        EXPECT(ublk_dev_map(dev, 0, 4096, 0, UINT64_MAX, UBLK_MAP_READ), -EINVAL); /* file offset wraps */
+        EXPECT(ublk_dev_unmap(dev, 0, size + 4096), -EINVAL);
+        EXPECT(ublk_dev_unmap(dev, 0, size), 0);                                /* nothing mapped: fine */
+    }
 
     s.mode = M_OK;
     EXPECT(ublk_dev_stop(dev), 0);

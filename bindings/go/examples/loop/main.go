@@ -1,6 +1,6 @@
 // Command loop serves a file as a block device with the Go bindings.
 //
-//	loop -file F [-queues 1] [-depth 128] [-async] [-lease [-zero-copy MODE]] [-recovery POLICY]
+//	loop -file F [-queues 1] [-depth 128] [-async] [-lease [-zero-copy MODE] [-per-request]] [-recovery POLICY]
 //	loop -recover ID [-async] [-lease]
 //
 // By default the backend is the *os.File itself (ReadAt/WriteAt through the
@@ -8,7 +8,9 @@
 // and WRITE_ZEROES. With -lease a Handler lends each request's buffer to IO
 // on the file (Request.Lease: zero copy where the kernel allows) and runs
 // FLUSH, DISCARD and WRITE_ZEROES on the engine's io_uring: no data passes
-// through Go. It prints "<id> <path>" once the device exists and serves
+// through Go. With -lease the whole file is also mapped once (Device.Map), so
+// the engine lends READ and WRITE requests itself, without calling Go;
+// -per-request leaves them to the Handler. It prints "<id> <path>" once the device exists and serves
 // until SIGINT or SIGTERM (or `ublk del`), then removes the device.
 //
 // With -recovery reissue, fail or wait the device survives this process
@@ -116,6 +118,7 @@ func main() {
 	lease := flag.Bool("lease", false, "zero copy: lend request buffers to IO on the file (leases)")
 	mode := flag.String("zero-copy", "auto", "data mode with -lease: auto, auto-buf-reg, register, user-copy or copy")
 	policy := flag.String("recovery", "none", "if this process dies: none (the device goes), reissue, fail or wait (it waits for loop -recover)")
+	perRequest := flag.Bool("per-request", false, "with -lease: the Handler lends each READ/WRITE (one cgo call per request) instead of mapping the whole file once (Device.Map)")
 	recoverID := flag.Int("recover", -1, "take over device `ID` after its server died (serves the file it recorded; no -file)")
 	flag.Parse()
 	if *path == "" && *recoverID < 0 {
@@ -188,6 +191,13 @@ func main() {
 		}
 	}
 	defer f.Close()
+	if *lease && !*perRequest {
+		// the device is the file at the same offsets: READ and WRITE never
+		// reach Go (the Handler gets FLUSH, DISCARD, WRITE_ZEROES)
+		if err := dev.Map(0, uint64(dev.Info().Size), int(f.Fd()), 0, ublk.MapRead|ublk.MapWrite); err != nil {
+			fatal(1, "%v", err)
+		}
+	}
 	fmt.Println(dev.ID(), dev.Path())
 	err = dev.Serve(ctx)
 	s, _ := dev.Stats()
