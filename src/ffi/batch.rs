@@ -62,18 +62,24 @@ pub(crate) fn finish(ctx: &mut QueueCtx<'_>, entries: &[ublk_io_batch_entry]) {
         // have arrived on this tag since the batch was made (requests arrive
         // only between batches), so `req` is still this entry's request.
         let req = req_of(unsafe { &*e.io });
-        let (tag, len) = (req.tag, req.len);
+        let tag = req.tag;
         if e.result != UBLK_BATCH_PENDING {
             let _ = ctx.complete_seq(tag, req.seq, e.result);
         } else if e.lease_fd >= 0 {
-            let r = match req.op {
-                Op::Read => ctx.lease(tag).read_into(e.lease_fd, e.lease_file_off, 0..len, NO_CB),
-                Op::Write => ctx.lease(tag).write_from(e.lease_fd, e.lease_file_off, 0..len, NO_CB),
-                _ => Err(crate::Error::inval("lease_fd is for READ and WRITE requests only")),
-            };
-            if let Err(err) = r {
+            if let Err(err) = lend_whole(ctx, &req, e.lease_fd, e.lease_file_off) {
                 let _ = ctx.complete_seq(tag, req.seq, err.neg_errno());
             }
         }
+    }
+}
+
+/// Lends the whole of a READ (filled from `fd` at `file_off`) or WRITE
+/// (written there) request, without a callback: it completes when that is
+/// over. What a batch entry's `lease_fd` and a route table extent ask for.
+pub(crate) fn lend_whole(ctx: &mut QueueCtx<'_>, req: &Request, fd: i32, file_off: u64) -> crate::Result<()> {
+    match req.op {
+        Op::Read => ctx.lease(req.tag).read_into(fd, file_off, 0..req.len, NO_CB),
+        Op::Write => ctx.lease(req.tag).write_from(fd, file_off, 0..req.len, NO_CB),
+        _ => Err(crate::Error::inval("only READ and WRITE requests are lent whole to a file")),
     }
 }

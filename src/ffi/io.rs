@@ -167,14 +167,8 @@ impl FfiTarget {
         if !self.routes.registered.contains(&fd) && ctx.core.fixed_slot(fd).is_none() && ctx.register_fd(fd).is_ok() {
             self.routes.registered.push(fd); // (one the target registered itself stays its own)
         }
-        let (tag, len) = (io.tag(), io.len());
-        let r = if need == UBLK_MAP_READ {
-            ctx.lease(tag).read_into(fd, file_off, 0..len, NO_CB)
-        } else {
-            ctx.lease(tag).write_from(fd, file_off, 0..len, NO_CB)
-        };
-        if let Err(e) = r {
-            let _ = ctx.complete(tag, e.neg_errno());
+        if let Err(e) = super::batch::lend_whole(ctx, &io.req, fd, file_off) {
+            let _ = ctx.complete(io.tag(), e.neg_errno());
         }
         true
     }

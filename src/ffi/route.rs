@@ -57,14 +57,9 @@ pub(crate) struct Table {
 }
 
 impl Table {
-    /// Removes [off, off + len) from every extent (splitting those that
-    /// straddle it).
-    pub fn unmap(&mut self, off: u64, len: u64) {
-        let end = off.saturating_add(len);
-        if !self.extents.iter().any(|e| e.start < end && e.end() > off) {
-            return;
-        }
-        let mut out = Vec::with_capacity(self.extents.len() + 1);
+    /// The extents with [off, end) cut out (those that straddle it split).
+    fn without(&self, off: u64, end: u64) -> Vec<Extent> {
+        let mut out = Vec::with_capacity(self.extents.len() + 2);
         for e in &self.extents {
             if e.end() <= off || e.start >= end {
                 out.push(*e);
@@ -73,19 +68,27 @@ impl Table {
             out.extend(e.clip(e.start, off));
             out.extend(e.clip(end, e.end()));
         }
-        self.extents = out;
+        out
     }
 
-    /// Maps `x`, replacing whatever overlapped it.
+    /// Removes [off, off + len) from every extent (splitting those that
+    /// straddle it).
+    pub fn unmap(&mut self, off: u64, len: u64) {
+        let end = off.saturating_add(len);
+        if self.extents.iter().any(|e| e.start < end && e.end() > off) {
+            self.extents = self.without(off, end);
+        }
+    }
+
+    /// Maps `x`, replacing whatever overlapped it (a refused map changes nothing).
     pub fn map(&mut self, x: Extent) -> Result<()> {
-        let mut t = self.clone();
-        t.unmap(x.start, x.len);
-        let at = t.extents.partition_point(|e| e.start < x.start);
-        t.extents.insert(at, x);
-        if t.extents.len() > MAX_EXTENTS {
+        let mut out = self.without(x.start, x.end());
+        let at = out.partition_point(|e| e.start < x.start);
+        out.insert(at, x);
+        if out.len() > MAX_EXTENTS {
             return Err(Error::new(libc::ENOSPC, format!("the route table holds at most {MAX_EXTENTS} extents")));
         }
-        *self = t;
+        self.extents = out;
         Ok(())
     }
 
