@@ -305,6 +305,15 @@ impl ublk_dev {
     pub(crate) fn routes(&self) -> &super::route::Routes {
         &self.shared.routes
     }
+
+    /// True for a device with a built-in target (`ublk_nbd_dev_new`).
+    pub(crate) fn is_builtin(&self) -> bool {
+        self.builtin.is_some()
+    }
+
+    pub(crate) fn target_name(&self) -> std::borrow::Cow<'_, str> {
+        self.target_name.to_string_lossy()
+    }
 }
 
 pub(crate) fn dev_ref<'a>(dev: *const ublk_dev) -> Result<&'a ublk_dev, Error> {
