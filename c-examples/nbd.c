@@ -24,11 +24,13 @@ int main(int argc, char **argv)
         nbd.export_name = argv[optind + 2];
     int r = ublk_nbd_dev_new(&cfg, &nbd, &dev);
     /* The built-in target moves its own data: it has no route table. */
-    if (r == 0 && (r = ublk_dev_map(dev, 0, 4096, 0, 0, UBLK_MAP_READ)) != -EOPNOTSUPP) {
-        fprintf(stderr, "c-nbd: ublk_dev_map on an nbd device returned %d, want -EOPNOTSUPP\n", r);
-        ublk_dev_free(dev);
-        return 1;
+    if (r == 0) {
+        int m = ublk_dev_map(dev, 0, 4096, 0, 0, UBLK_MAP_READ);
+        if (m != -EOPNOTSUPP) {
+            fprintf(stderr, "c-nbd: ublk_dev_map on an nbd device returned %d, want -EOPNOTSUPP\n", m);
+            ublk_dev_free(dev);
+            return 1;
+        }
     }
-    r = 0;
     return example_serve("c-nbd", dev, r, NULL, NULL);
 }

@@ -83,6 +83,9 @@ pub(crate) struct Conn {
     sendq: VecDeque<u16>,
     /// Requests whose header went out and whose reply is not complete.
     on_wire: u32,
+    /// The READs among them: while there are none, no payload can arrive and
+    /// header receives may take as many bytes as the buffer holds.
+    reads_on_wire: u32,
     tx: Box<[u8]>,
     tx_len: usize,
     tx_done: usize,
@@ -107,6 +110,7 @@ impl Conn {
             ops: 0,
             sendq: VecDeque::new(),
             on_wire: 0,
+            reads_on_wire: 0,
             tx: vec![0u8; TX_BATCH * proto::REQUEST_LEN].into_boxed_slice(),
             tx_len: 0,
             tx_done: 0,
@@ -319,6 +323,7 @@ impl NbdQueue {
         unsafe { libc::shutdown(c.raw(), libc::SHUT_RDWR) };
         c.sendq.clear();
         c.on_wire = 0;
+        c.reads_on_wire = 0;
         let mut affected = Vec::new();
         for (tag, r) in self.reqs.iter_mut().enumerate() {
             if r.live && r.conn == Some(ci) && r.result.is_none() {
@@ -433,48 +438,98 @@ impl NbdQueue {
         }
     }
 
-    /// Sends the next batch of headers on `ci` when its send chain is idle.
+    /// Sends batches of headers on `ci` while its send chain is idle: each
+    /// batch ends at a WRITE, whose payload the lease then sends.
     fn tx_kick(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
-        let c = &mut self.conns[ci];
-        if c.state != State::Up || c.tx_busy || c.sendq.is_empty() {
-            return;
-        }
-        let mut n = 0;
-        c.tx_payload = None;
-        while n < TX_BATCH {
-            let Some(tag) = c.sendq.pop_front() else { break };
-            let r = &mut self.reqs[tag as usize];
-            r.seq = r.seq.wrapping_add(1);
-            r.wire = true;
-            c.on_wire += 1;
-            let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
-            let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
-            proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
-            n += 1;
-            if r.cmd == proto::CMD_WRITE {
-                r.tx_pending = true;
-                c.tx_payload = Some(tag);
-                break;
+        loop {
+            let c = &mut self.conns[ci];
+            if c.state != State::Up || c.tx_busy || c.sendq.is_empty() {
+                return;
             }
-        }
-        c.tx_len = n * proto::REQUEST_LEN;
-        c.tx_done = 0;
-        if let Err(e) = self.submit_send(ctx, ci) {
-            self.conn_fail(ctx, ci, e, None);
+            let mut n = 0;
+            c.tx_payload = None;
+            while n < TX_BATCH {
+                let Some(tag) = c.sendq.pop_front() else { break };
+                let r = &mut self.reqs[tag as usize];
+                r.seq = r.seq.wrapping_add(1);
+                r.wire = true;
+                c.on_wire += 1;
+                c.reads_on_wire += r.read as u32;
+                let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
+                let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
+                proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
+                n += 1;
+                if r.cmd == proto::CMD_WRITE {
+                    r.tx_pending = true;
+                    c.tx_payload = Some(tag);
+                    break;
+                }
+            }
+            c.tx_len = n * proto::REQUEST_LEN;
+            c.tx_done = 0;
+            c.tx_busy = true;
+            match self.send_headers(ctx, ci) {
+                Ok(true) => {
+                    if !self.headers_sent(ctx, ci) {
+                        return;
+                    }
+                }
+                Ok(false) => return,
+                Err(e) => return self.conn_fail(ctx, ci, e, None),
+            }
         }
     }
 
-    fn submit_send(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<()> {
+    /// Sends the rest of the header batch: first with non-blocking send(2)
+    /// (Ok(true): all of it went), then, for what the socket did not take,
+    /// with a ring send (Ok(false)).
+    fn send_headers(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<bool> {
         let c = &mut self.conns[ci];
         let more = if c.tx_payload.is_some() { libc::MSG_MORE } else { 0 };
+        while c.tx_done < c.tx_len {
+            let p = c.tx[c.tx_done..].as_ptr();
+            // SAFETY: sends from this connection's buffer, inside its bounds.
+            let n = unsafe { libc::send(c.raw(), p as *const libc::c_void, c.tx_len - c.tx_done, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more) };
+            if n > 0 {
+                c.tx_done += n as usize;
+                continue;
+            }
+            let err = if n == 0 { libc::EPIPE } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
+            match err {
+                libc::EINTR => continue,
+                libc::EAGAIN => break,
+                e => return Err(Error::new(e, "sending request headers")),
+            }
+        }
+        if c.tx_done == c.tx_len {
+            return Ok(true);
+        }
         let p = c.tx[c.tx_done..].as_ptr();
         let e = opcode::Send::new(types::Fd(c.raw()), p, (c.tx_len - c.tx_done) as u32).flags(libc::MSG_NOSIGNAL | more).build();
         // SAFETY: the buffer is this connection's, kept (boxed) until the
         // operation completes: a connection is replaced only once idle.
         unsafe { ctx.submit(e, 0, ud(K_TX, ci)) }?;
-        c.tx_busy = true;
         c.ops += 1;
-        Ok(())
+        Ok(false)
+    }
+
+    /// The header batch is out: sends the WRITE payload that follows it, if
+    /// any. True when the send chain is idle again.
+    fn headers_sent(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> bool {
+        let c = &mut self.conns[ci];
+        let Some(tag) = c.tx_payload else {
+            c.tx_busy = false;
+            return true;
+        };
+        let (fd, len) = (c.raw(), self.reqs[tag as usize].len);
+        match ctx.lease(tag).send(fd, 0..len, ud(K_TXDATA, ci)) {
+            Ok(()) => {
+                self.conns[ci].ops += 1;
+                self.reqs[tag as usize].ops += 1;
+            }
+            Err(e) => self.conn_fail(ctx, ci, e.context("sending write data"), Some(tag as usize)),
+        }
+        false
     }
 
     fn tx_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, res: i32) {
@@ -488,23 +543,12 @@ impl NbdQueue {
             return self.conn_fail(ctx, ci, e, None);
         }
         c.tx_done += res as usize;
-        if c.tx_done < c.tx_len {
-            if let Err(e) = self.submit_send(ctx, ci) {
-                self.conn_fail(ctx, ci, e, None);
+        match self.send_headers(ctx, ci) {
+            Ok(true) => {
+                self.headers_sent(ctx, ci);
             }
-            return;
-        }
-        let Some(tag) = c.tx_payload else {
-            c.tx_busy = false;
-            return;
-        };
-        let (fd, len) = (c.raw(), self.reqs[tag as usize].len);
-        match ctx.lease(tag).send(fd, 0..len, ud(K_TXDATA, ci)) {
-            Ok(()) => {
-                self.conns[ci].ops += 1;
-                self.reqs[tag as usize].ops += 1;
-            }
-            Err(e) => self.conn_fail(ctx, ci, e.context("sending write data"), Some(tag as usize)),
+            Ok(false) => {}
+            Err(e) => self.conn_fail(ctx, ci, e, None),
         }
     }
 
@@ -526,34 +570,57 @@ impl NbdQueue {
     }
 
     /// Keeps a receive going on `ci`: decodes what arrived, then either
-    /// receives more header bytes or a payload.
+    /// receives more header bytes or a payload. Header bytes are first taken
+    /// with a non-blocking recv(2) into this connection's buffer (replies
+    /// that are already there cost no ring round trip); only when the socket
+    /// is empty does a ring receive wait for them.
     fn rx_pump(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
         let c = &self.conns[ci];
         if c.state != State::Up || c.rx_busy {
             return;
         }
-        self.culprit = None;
-        match self.rx_step(ctx, ci) {
-            Ok(Some(ask)) => {
-                let c = &mut self.conns[ci];
-                // SAFETY: have + ask <= RX_BUF (asks stay within one reply header and body).
-                let p = unsafe { c.rx.as_mut_ptr().add(c.rx_have) };
-                debug_assert!(c.rx_have + ask <= RX_BUF);
-                let e = opcode::Recv::new(types::Fd(c.raw()), p, ask as u32).build();
-                // SAFETY: the buffer is this connection's and outlives the operation.
-                match unsafe { ctx.submit(e, 0, ud(K_RX, ci)) } {
-                    Ok(()) => {
-                        c.rx_busy = true;
-                        c.ops += 1;
-                    }
-                    Err(e) => self.conn_fail(ctx, ci, e, None),
+        loop {
+            self.culprit = None;
+            let ask = match self.rx_step(ctx, ci) {
+                Ok(Some(ask)) => ask,
+                Ok(None) => return,
+                Err(e) => {
+                    let culprit = self.culprit.take();
+                    return self.conn_fail(ctx, ci, e, culprit);
                 }
+            };
+            let c = &mut self.conns[ci];
+            // No READ on the wire: no payload can follow, so this recv may
+            // take all there is. (Not the ring receive below: a READ may be
+            // sent while it waits, and its payload must not land here.)
+            let now = if c.reads_on_wire == 0 { RX_BUF - c.rx_have } else { ask };
+            debug_assert!(ask > 0 && c.rx_have + now <= RX_BUF);
+            // SAFETY: have + ask <= have + now <= RX_BUF (asks stay within one
+            // reply header and body, or the whole buffer when no payload can come).
+            let p = unsafe { c.rx.as_mut_ptr().add(c.rx_have) };
+            // SAFETY: receives into this connection's buffer, inside its bounds.
+            let n = unsafe { libc::recv(c.raw(), p as *mut libc::c_void, now, libc::MSG_DONTWAIT) };
+            if n > 0 {
+                c.rx_have += n as usize;
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => {
-                let culprit = self.culprit.take();
-                self.conn_fail(ctx, ci, e, culprit)
+            let err = if n == 0 { libc::ECONNRESET } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
+            match err {
+                libc::EINTR => continue,
+                libc::EAGAIN => {}
+                libc::ECONNRESET if n == 0 => return self.conn_fail(ctx, ci, Error::new(libc::ECONNRESET, "the server closed the connection"), None),
+                e => return self.conn_fail(ctx, ci, Error::new(e, "receiving a reply"), None),
             }
+            let e = opcode::Recv::new(types::Fd(c.raw()), p, ask as u32).build();
+            // SAFETY: the buffer is this connection's and outlives the operation.
+            match unsafe { ctx.submit(e, 0, ud(K_RX, ci)) } {
+                Ok(()) => {
+                    c.rx_busy = true;
+                    c.ops += 1;
+                }
+                Err(e) => self.conn_fail(ctx, ci, e, None),
+            }
+            return;
         }
     }
 
@@ -672,7 +739,9 @@ impl NbdQueue {
         r.wire = false;
         r.conn = None;
         r.result = Some(if r.err < 0 { r.err } else if r.has_data { r.len as i32 } else { 0 });
-        self.conns[ci].on_wire -= 1;
+        let c = &mut self.conns[ci];
+        c.on_wire -= 1;
+        c.reads_on_wire -= r.read as u32;
         self.settle(ctx, tag);
     }
 
