@@ -7,7 +7,7 @@ VM      := tests/vm/run
 OUT     := target/release
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
 
-C_EXAMPLES := null ramdisk loop threadpool mirror stripe
+C_EXAMPLES := null ramdisk loop threadpool mirror stripe nbd
 C_BINS     := $(C_EXAMPLES:%=$(OUT)/c-%) $(OUT)/c-errors $(OUT)/c-errors-asan
 C_LINK      = -L$(OUT) -lublk -lpthread -Wl,-rpath,$(abspath $(OUT))
 

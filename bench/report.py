@@ -48,6 +48,8 @@ SERIES = [
     ("rublk", "loop", "rublk 0.2.15 loop"),
     ("kernel", "null", "kernel null_blk"),
     ("kernel", "loop", "kernel loop (dio)"),
+    ("libublk", "nbd", "libublk nbd (auto-buf-reg)"),
+    ("kernel", "nbd", "kernel nbd (nbd-client)"),
 ]
 # the bar chart shows these (the data-mode matrix has its own ratio panels)
 BAR_SERIES = {(e, t) for e, t, _ in SERIES}
@@ -144,6 +146,11 @@ GO_RATIOS = [
     (("go", "loop-req:auto-buf-reg"), mode_key("loop", "auto-buf-reg"),
      "Go loop, per-request Handler / libublk loop (no goal: a cgo call per request)",
      None, "#a6dfec", "xx"),
+]
+# issue 8: our NBD client vs the kernel's NBD driver, same qemu-nbd export
+NBD_RATIOS = [
+    (("libublk", "nbd"), ("kernel", "nbd"), "libublk nbd / kernel nbd (nbd-client)",
+     {"4k": 1.0, "64k": 1.0, "512k": 1.3}, "#8e44ad", None),
 ]
 GOAL_MARK, MISS_MARK = "✓", "✗"
 
@@ -392,6 +399,15 @@ def write_md(path, rows, meta, png_name):
     L.append("")
     gmet, gwant = ratio_table(L, idx, cols, GO_RATIOS, goal_col=True)
 
+    L.append("## NBD: libublk vs the kernel's NBD driver")
+    L.append("")
+    L.append("Goal (issue 8), in the same run against the same qemu-nbd export (raw file on "
+             "tmpfs, loopback TCP, one connection each): our nbd target (`ublk add nbd`, "
+             "auto-buf-reg leases on the socket) ≥ the kernel's NBD driver (`nbd-client`) at "
+             "every size, ≥ 1.30 at 512k.")
+    L.append("")
+    nmet, nwant = ratio_table(L, idx, cols, NBD_RATIOS, goal_col=True)
+
     copied_section(L, rows, meta)
 
     L.append("## IOPS")
@@ -402,7 +418,7 @@ def write_md(path, rows, meta, png_name):
               ("libublk-c", "null"): "null (c-null)", ("libublk-c", "loop"): "loop (c-loop)",
               ("libublk-c", "ramdisk"): "ramdisk (c-ramdisk, inline)",
               ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2)",
-              RUBLK_ZC: "loop-zc (-z)"}
+              RUBLK_ZC: "loop-zc (-z)", ("kernel", "nbd"): "nbd (nbd-client)"}
     modes = row_modes(rows)
     for engine, target, _ in series_in(rows):
         L.append("| %s | %s | %s | %s |" % (
@@ -425,7 +441,7 @@ def write_md(path, rows, meta, png_name):
     return {"libublk >= rublk": (met, want), "C examples": (cmet, cwant),
             "zero copy vs copy": (zmet, zwant), "zero-copy loop vs rublk -z": (rmet, rwant),
             "mirror vs loop writes": (mmet, mwant), "python vs rust": (pmet, pwant),
-            "go vs rust": (gmet, gwant)}
+            "go vs rust": (gmet, gwant), "nbd vs kernel nbd": (nmet, nwant)}
 
 
 def row_modes(rows):

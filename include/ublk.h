@@ -400,6 +400,40 @@ typedef struct ublk_queue_stats {
  */
 typedef void (*ublk_backing_cb)(void *user, struct ublk_io *io, int res);
 
+/**
+ * Where an NBD export is, for `ublk_nbd_dev_new`. Initialise with
+ * `ublk_nbd_config_init()` (defaults), then set fields.
+ */
+typedef struct ublk_nbd_config {
+  /**
+   * Server host name or address. Required. Borrowed during the call.
+   */
+  const char *host;
+  /**
+   * Export name; NULL or "" is the server's default export. Borrowed.
+   */
+  const char *export_name;
+  /**
+   * TCP port. Default 10809.
+   */
+  uint16_t port;
+  /**
+   * TCP connections per queue (1..=16). Default 1.
+   */
+  uint16_t connections;
+  /**
+   * A request not answered this long after it arrived fails with EIO
+   * (a dropped connection is reconnected meanwhile and its requests are
+   * sent again). Also bounds each connect and handshake (at most 10 s).
+   * At least 1000. Default 30000.
+   */
+  uint32_t timeout_ms;
+  /**
+   * Must stay zero.
+   */
+  uint64_t reserved[4];
+} ublk_nbd_config;
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -727,6 +761,33 @@ int ublk_io_fallocate(struct ublk_io *io,
                       void *cb_user);
 
 /**
+ * Fills `*nbd` with the defaults. Any thread.
+ */
+int ublk_nbd_config_init(struct ublk_nbd_config *nbd);
+
+/**
+ * Creates a device served by the built-in NBD client: connects to the
+ * export once to learn its size and flags, then ADD_DEV & co as
+ * `ublk_dev_new`. The device's size is the export's (`cfg->size` must be 0),
+ * and read-only, FLUSH/FUA, discard and write-zeroes follow the export;
+ * `cfg->target_name` and `cfg->target_args` are replaced ("nbd" and the
+ * export's address, recorded for `ublk recover`). `cfg` NULL: the defaults
+ * of `ublk_dev_config_init`. Serve it with `ublk_dev_start` or
+ * `ublk_dev_serve` (each queue then opens `connections` TCP connections),
+ * free it with `ublk_dev_free`; `*out` owns the new device.
+ *
+ * Errors: -EINVAL (bad configuration), -ECONNREFUSED & co (server
+ * unreachable), -ENXIO (unknown host), -ENOENT (no such export),
+ * -EOPNOTSUPP (server without fixed newstyle, TLS required, or several
+ * connections to a server that does not allow them), -EPROTO (the server
+ * does not speak NBD properly), -ETIMEDOUT, and those of `ublk_dev_new`.
+ * Any thread.
+ */
+int ublk_nbd_dev_new(const struct ublk_dev_config *cfg,
+                     const struct ublk_nbd_config *nbd,
+                     struct ublk_dev **out);
+
+/**
  * Routes READ (`UBLK_MAP_READ`) and/or WRITE (`UBLK_MAP_WRITE`) requests
  * that fall entirely inside device bytes [`offset`, `offset + len`) to IO on
  * `fd` at `file_offset + (request offset - offset)`: the queue thread lends
@@ -743,7 +804,9 @@ int ublk_io_fallocate(struct ublk_io *io,
  * queue keeps the file in its ring's file table while an extent uses it).
  *
  * Returns 0, or -EINVAL (NULL dev, bad range, fd < 0, flags not a non-empty
- * combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents).
+ * combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents),
+ * -EOPNOTSUPP (a device with a built-in target, e.g. `ublk_nbd_dev_new`:
+ * it moves its own data and has no route table).
  */
 int32_t ublk_dev_map(struct ublk_dev *dev,
                      uint64_t offset,
@@ -756,7 +819,8 @@ int32_t ublk_dev_map(struct ublk_dev *dev,
  * Removes device bytes [`offset`, `offset + len`) from the route table:
  * requests there reach the target again (those already lent finish on
  * their fd). Unmapping what is not mapped is not an error. Any thread.
- * Returns 0, or -EINVAL (NULL dev, bad range as in `ublk_dev_map`).
+ * Returns 0, or -EINVAL (NULL dev, bad range as in `ublk_dev_map`),
+ * -EOPNOTSUPP (a built-in target, as in `ublk_dev_map`).
  */
 int32_t ublk_dev_unmap(struct ublk_dev *dev, uint64_t offset, uint64_t len);
 

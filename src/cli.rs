@@ -41,7 +41,7 @@ fn parse_num<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String> {
 /// What `ublk add` was asked for.
 #[derive(Debug)]
 pub struct AddArgs {
-    /// `null`, `mem` or `loop`.
+    /// `null`, `mem`, `loop` or `nbd`.
     pub target: String,
     /// The device configuration the flags set (size and target settings are
     /// completed by the CLI from the target).
@@ -50,17 +50,22 @@ pub struct AddArgs {
     pub size: Option<u64>,
     /// `--file`, if given.
     pub file: Option<PathBuf>,
+    /// The nbd target's `--host`, `--port`, `--export`, `--connections`,
+    /// `--timeout`.
+    pub nbd: crate::targets::nbd::NbdConfig,
+    /// Whether any of the nbd flags was given (they are for nbd only).
+    pub nbd_flags: bool,
     pub foreground: bool,
 }
 
 /// Parses the arguments of `ublk add` (after `add`). Errors are usage
 /// messages.
 pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
-    let target = args.first().ok_or_else(|| "add: missing target (null, mem or loop)".to_string())?.clone();
-    if !["null", "mem", "loop"].contains(&target.as_str()) {
-        return Err(format!("add: unknown target `{target}` (null, mem or loop)"));
+    let target = args.first().ok_or_else(|| "add: missing target (null, mem, loop or nbd)".to_string())?.clone();
+    if !["null", "mem", "loop", "nbd"].contains(&target.as_str()) {
+        return Err(format!("add: unknown target `{target}` (null, mem, loop or nbd)"));
     }
-    let mut a = AddArgs { target, cfg: DeviceConfig::default(), size: None, file: None, foreground: false };
+    let mut a = AddArgs { target, cfg: DeviceConfig::default(), size: None, file: None, nbd: Default::default(), nbd_flags: false, foreground: false };
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
         let (flag, inline) = match flag.split_once('=') {
@@ -87,6 +92,27 @@ pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
             "--state-dir" => a.cfg.state_dir = PathBuf::from(value()?),
             "--affinity" => a.cfg.affinity = value()?.parse().map_err(|e: Error| format!("--affinity: {}", e.message()))?,
             "--foreground" => a.foreground = true,
+            "--host" => {
+                a.nbd.host = value()?;
+                a.nbd_flags = true;
+            }
+            "--port" => {
+                a.nbd.port = parse_num(flag, &value()?)?;
+                a.nbd_flags = true;
+            }
+            "--export" => {
+                a.nbd.export = value()?;
+                a.nbd_flags = true;
+            }
+            "--connections" => {
+                a.nbd.connections = parse_num(flag, &value()?)?;
+                a.nbd_flags = true;
+            }
+            "--timeout" => {
+                let secs: u64 = parse_num(flag, &value()?)?;
+                a.nbd.timeout = std::time::Duration::from_secs(secs.min(1 << 32));
+                a.nbd_flags = true;
+            }
             _ => return Err(format!("add: unknown option `{flag}`")),
         }
     }
@@ -124,6 +150,12 @@ mod tests {
         assert_eq!(a.cfg.recovery, crate::Recovery::Reissue);
         assert_eq!(a.cfg.state_dir, PathBuf::from("/x"));
         assert!(parse_add(&v("loop --recovery sometimes")).unwrap_err().contains("unknown recovery policy"));
+        let a = parse_add(&v("nbd --host 10.0.0.1 --port=10810 --export disk --connections 4 --timeout 5")).unwrap();
+        assert_eq!((a.nbd.host.as_str(), a.nbd.port, a.nbd.export.as_str(), a.nbd.connections), ("10.0.0.1", 10810, "disk", 4));
+        assert_eq!(a.nbd.timeout, std::time::Duration::from_secs(5));
+        assert!(parse_add(&v("nbd --port 70000")).is_err());
+        assert!(parse_add(&v("nbd --connections x")).is_err());
+        assert!(parse_add(&v("nbd --host")).is_err());
         assert_eq!(parse_add(&v("null")).unwrap().cfg.affinity, crate::Affinity::Single);
         assert_eq!(parse_add(&v("null --affinity all")).unwrap().cfg.affinity, crate::Affinity::All);
         assert!(parse_add(&v("null --affinity some")).unwrap_err().contains("want single or all"));

@@ -112,6 +112,11 @@ impl StopHandle {
         r
     }
 
+    /// The counters of queue `q_id`, once it started.
+    pub(crate) fn queue_stats(&self, q_id: u16) -> Option<QueueStatsSnapshot> {
+        self.shared.lock().iter().find(|s| s.q_id == q_id).map(|s| s.stats.snapshot())
+    }
+
     /// Whether the device's queues were started.
     pub fn is_started(&self) -> bool {
         !self.shared.lock().is_empty()

@@ -39,6 +39,7 @@ mod error;
 pub mod ffi;
 mod io;
 mod lease;
+pub mod nbd;
 pub mod mode;
 mod queue;
 mod signals;

@@ -122,6 +122,16 @@ impl QueueCtx<'_> {
         report
     }
 
+    /// The queue is winding down: the device was stopped (every request is
+    /// completed and no more will come) or the queue is forced out. A target
+    /// that keeps operations on the ring without a request (a receive on an
+    /// idle socket, a timer) must end them now, since the queue exits only
+    /// once nothing it submitted is in flight; `Target::batch_end` is the
+    /// place to check.
+    pub fn is_stopping(&self) -> bool {
+        self.core.force_exit.load(Ordering::Acquire) || (self.core.in_kernel == 0 && self.core.target_owned == 0)
+    }
+
     pub(crate) fn shared(&self) -> &Arc<QueueShared> {
         &self.core.shared
     }

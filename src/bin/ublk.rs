@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use ublk::ctrl::{list_device_ids, Ctrl};
 use ublk::state::{StateFile, DEFAULT_STATE_DIR};
+use ublk::targets::nbd::NbdConfig;
 use ublk::targets::{LoopBacking, LoopTarget, MemStore, MemTarget, NullTarget};
 use ublk::cli::{format_size, parse_add, AddArgs};
 use ublk::{Device, DeviceConfig, DiscardLimits, Error, QueueInfo, Recovery, Target, TargetFactory, ZeroCopy};
@@ -17,6 +18,8 @@ usage: ublk add null|mem|loop [--queues N] [--depth D] [--size S] [--file F] [--
                 [--zero-copy auto|auto-buf-reg|register|user-copy|copy]
                 [--recovery none|reissue|fail|wait] [--state-dir DIR]
                 [--affinity single|all]
+       ublk add nbd --host H [--port P] [--export NAME] [--connections N] [--timeout SECS]
+                [the common options above but --size and --file]
        ublk recover ID [--foreground] [--state-dir DIR]
        ublk list
        ublk del ID|--all
@@ -39,6 +42,14 @@ a server is back, wait fails the held requests and makes new IO wait.
 `ublk recover ID` starts a new server for such a device, configured from the
 state file written at add time (in --state-dir, else $UBLK_STATE_DIR, else
 /run/ublk), and prints `<id> <path>` like add.
+
+`add nbd` serves a remote NBD export (qemu-nbd, nbdkit, nbd-server): size and
+flags (read-only, flush, trim, write-zeroes) come from the server; port 10809
+and the default export unless given; N TCP connections per queue (default 1).
+A dropped connection is reconnected (backoff 100 ms doubling to 5 s) and its
+requests are sent again; a request not answered within --timeout seconds
+(default 30) of its arrival fails with EIO, so IO never waits forever, and
+`ublk del` while the server is away finishes within that time.
 
 Without root (CAP_SYS_ADMIN) `add` makes an unprivileged device, which only its
 owner can open (copy mode, no recovery); /dev/ublk-control must be open to the
@@ -89,7 +100,22 @@ fn main() -> ExitCode {
 /// Prepares the target and the final config; errors here are bad arguments.
 fn prepare(a: &mut AddArgs) -> Result<TargetFactory, Fail> {
     a.cfg.target_name = a.target.clone();
+    if a.nbd_flags && a.target != "nbd" {
+        return Err(Fail::Usage("--host, --port, --export, --connections and --timeout are only for the nbd target".into()));
+    }
     let factory: TargetFactory = match a.target.as_str() {
+        "nbd" => {
+            if a.file.is_some() || a.size.is_some() {
+                return Err(Fail::Usage("nbd: --file and --size do not apply (the size is the export's)".into()));
+            }
+            a.nbd.validate().map_err(|e| Fail::Usage(e.message().to_string()))?;
+            // the rest of the configuration is checked before connecting
+            DeviceConfig { size: 1 << 20, ..a.cfg.clone() }.validate().map_err(|e| Fail::Usage(e.to_string()))?;
+            // connecting is an operation: its failures are exit 1, not usage
+            let export = a.nbd.probe()?;
+            a.nbd.configure(&export, &mut a.cfg)?;
+            a.nbd.factory(export)
+        }
         "null" => {
             if a.file.is_some() {
                 return Err(Fail::Usage("--file is only for the loop target".into()));
@@ -165,6 +191,14 @@ fn recovery_factory(id: u32, cfg: &DeviceConfig) -> Result<TargetFactory, Error>
                 return Err(Error::inval(format!("device {id}: {file} is now smaller ({} bytes) than the device ({} bytes)", b.size(), cfg.size)));
             }
             Ok(loop_factory(b))
+        }
+        "nbd" => {
+            let n = NbdConfig::from_device(cfg).map_err(|e| e.context(format!("device {id}")))?;
+            let export = n.probe()?;
+            if export.size < cfg.size {
+                return Err(Error::new(libc::EIO, format!("device {id}: the NBD export is now smaller ({} bytes) than the device ({} bytes)", export.size, cfg.size)));
+            }
+            Ok(n.factory(export))
         }
         "mem" => Err(Error::new(libc::EOPNOTSUPP, format!("device {id}: a mem device's data died with its server; it cannot be recovered"))),
         t => Err(Error::new(

@@ -139,7 +139,7 @@ pub extern "C" fn ublk_dev_config_init(cfg: *mut ublk_dev_config) -> c_int {
     })
 }
 
-fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
+pub(crate) fn to_config(c: &ublk_dev_config) -> Result<DeviceConfig, Error> {
     if c.reserved.iter().any(|&r| r != 0) {
         return Err(Error::inval("cfg.reserved must be zero (initialise cfg with ublk_dev_config_init)"));
     }
@@ -291,6 +291,8 @@ pub struct ublk_dev {
     path: CString,
     target_name: CString,
     target_args: Option<CString>,
+    /// A built-in target (`ublk_nbd_dev_new`) instead of the C callbacks.
+    builtin: Option<TargetFactory>,
     block_size: u32,
 }
 
@@ -302,6 +304,15 @@ impl ublk_dev {
 
     pub(crate) fn routes(&self) -> &super::route::Routes {
         &self.shared.routes
+    }
+
+    /// True for a device with a built-in target (`ublk_nbd_dev_new`).
+    pub(crate) fn is_builtin(&self) -> bool {
+        self.builtin.is_some()
+    }
+
+    pub(crate) fn target_name(&self) -> std::borrow::Cow<'_, str> {
+        self.target_name.to_string_lossy()
     }
 }
 
@@ -339,7 +350,17 @@ pub extern "C" fn ublk_dev_new(cfg: *const ublk_dev_config, ops: *const ublk_tar
     })
 }
 
-fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
+pub(crate) fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
+    wrap_with(dev, ops, user, None)
+}
+
+/// A device served by a built-in target (no C callbacks).
+pub(crate) fn wrap_builtin(dev: Device, factory: TargetFactory) -> Box<ublk_dev> {
+    let none = ublk_target_ops { handle_io: None, queue_init: None, queue_deinit: None, handle_batch: None };
+    wrap_with(dev, none, std::ptr::null_mut(), Some(factory))
+}
+
+fn wrap_with(dev: Device, ops: ublk_target_ops, user: *mut c_void, builtin: Option<TargetFactory>) -> Box<ublk_dev> {
     let i = dev.info();
     let queues = (0..i.nr_hw_queues).map(|q| Arc::new(FfiQueue::new(q, i.queue_depth))).collect();
     let cfg = dev.config();
@@ -363,6 +384,7 @@ fn wrap(dev: Device, ops: ublk_target_ops, user: *mut c_void) -> Box<ublk_dev> {
         dev: Mutex::new(Some(dev)),
         shared: Arc::new(FfiDevShared { ops, user, queues, routes: Default::default() }),
         info,
+        builtin,
         block_size,
     })
 }
@@ -425,7 +447,10 @@ pub extern "C" fn ublk_dev_start(dev: *mut ublk_dev) -> c_int {
     guard(|| {
         let d = dev_ref(dev)?;
         let shared = d.shared.clone();
-        let factory: TargetFactory = Arc::new(move |q: &QueueInfo| Ok(Box::new(FfiTarget::new(shared.clone(), q.queue_id)?) as Box<dyn Target>));
+        let factory: TargetFactory = match &d.builtin {
+            Some(f) => f.clone(),
+            None => Arc::new(move |q: &QueueInfo| Ok(Box::new(FfiTarget::new(shared.clone(), q.queue_id)?) as Box<dyn Target>)),
+        };
         let mut g = d.dev.lock();
         let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
         dev.start(factory)?;
@@ -550,7 +575,7 @@ pub extern "C" fn ublk_dev_queue_stats(dev: *const ublk_dev, queue_id: u16, out:
             return Err(null_err("out"));
         }
         let q = d.shared.queues.get(queue_id as usize).ok_or_else(|| Error::inval(format!("no queue {queue_id}")))?;
-        let s = q.stats().ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
+        let s = q.stats().or_else(|| d.stop.queue_stats(queue_id)).ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
         // SAFETY: out is non-null and points to a ublk_queue_stats.
         unsafe { out.write(ublk_queue_stats {
                 ios: s.ios,

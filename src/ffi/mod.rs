@@ -12,6 +12,7 @@
 mod batch;
 mod device;
 mod io;
+mod nbd;
 mod route;
 
 use crate::error::Error;
@@ -24,6 +25,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 pub use batch::*;
 pub use device::*;
 pub use io::*;
+pub use nbd::*;
 pub use route::{ublk_dev_map, ublk_dev_unmap, UBLK_MAP_READ, UBLK_MAP_WRITE};
 
 /// Returned (negated) when the engine panicked inside a call (a bug in libublk).

@@ -195,11 +195,14 @@ fn check_range(dev: &super::device::ublk_dev, off: u64, len: u64) -> Result<()> 
 /// queue keeps the file in its ring's file table while an extent uses it).
 ///
 /// Returns 0, or -EINVAL (NULL dev, bad range, fd < 0, flags not a non-empty
-/// combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents).
+/// combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents),
+/// -EOPNOTSUPP (a device with a built-in target, e.g. `ublk_nbd_dev_new`:
+/// it moves its own data and has no route table).
 #[no_mangle]
 pub extern "C" fn ublk_dev_map(dev: *mut super::device::ublk_dev, offset: u64, len: u64, fd: i32, file_offset: u64, flags: u32) -> i32 {
     guard(|| {
         let d = super::device::dev_ref(dev)?;
+        no_builtin(d, "ublk_dev_map")?;
         check_range(d, offset, len)?;
         if fd < 0 {
             return Err(Error::new(libc::EBADF, format!("ublk_dev_map: bad fd {fd}")));
@@ -219,11 +222,13 @@ pub extern "C" fn ublk_dev_map(dev: *mut super::device::ublk_dev, offset: u64, l
 /// Removes device bytes [`offset`, `offset + len`) from the route table:
 /// requests there reach the target again (those already lent finish on
 /// their fd). Unmapping what is not mapped is not an error. Any thread.
-/// Returns 0, or -EINVAL (NULL dev, bad range as in `ublk_dev_map`).
+/// Returns 0, or -EINVAL (NULL dev, bad range as in `ublk_dev_map`),
+/// -EOPNOTSUPP (a built-in target, as in `ublk_dev_map`).
 #[no_mangle]
 pub extern "C" fn ublk_dev_unmap(dev: *mut super::device::ublk_dev, offset: u64, len: u64) -> i32 {
     guard(|| {
         let d = super::device::dev_ref(dev)?;
+        no_builtin(d, "ublk_dev_unmap")?;
         check_range(d, offset, len)?;
         d.routes().change(|t| {
             t.unmap(offset, len);
@@ -231,6 +236,13 @@ pub extern "C" fn ublk_dev_unmap(dev: *mut super::device::ublk_dev, offset: u64,
         })?;
         Ok(0)
     })
+}
+
+fn no_builtin(d: &super::device::ublk_dev, what: &str) -> Result<()> {
+    if d.is_builtin() {
+        return Err(Error::new(libc::EOPNOTSUPP, format!("{what}: the device has a built-in target ({}), which has no route table", d.target_name())));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

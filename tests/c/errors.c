@@ -126,6 +126,33 @@ static void host_checks(void)
     CHECK(strstr(ublk_strerror(-ENOTRECOVERABLE), "panic") != NULL, "strerror panic");
     CHECK(strcmp(ublk_feature_name(7), "USER_COPY") == 0, "feature name 7");
     CHECK(ublk_feature_name(63) == NULL, "unknown feature name");
+
+    /* the built-in NBD client: configuration errors and an unreachable server
+     * (port 1 of the loopback) are refused before any device exists */
+    struct ublk_nbd_config nbd;
+    EXPECT(ublk_nbd_config_init(NULL), -EINVAL);
+    EXPECT(ublk_nbd_config_init(&nbd), 0);
+    CHECK(nbd.port == 10809 && nbd.connections == 1 && nbd.timeout_ms == 30000, "nbd defaults");
+    EXPECT(ublk_nbd_dev_new(NULL, NULL, &dev), -EINVAL);
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, &dev), -EINVAL); /* no host */
+    CHECK(ublk_last_error_message(msg, sizeof(msg)) > 0 && strstr(msg, "host"), "message: %s", msg);
+    nbd.host = "127.0.0.1";
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, NULL), -EINVAL);
+    nbd.connections = 0;
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, &dev), -EINVAL);
+    nbd.connections = 1;
+    nbd.timeout_ms = 10;
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, &dev), -EINVAL);
+    nbd.timeout_ms = 5000;
+    nbd.reserved[1] = 1;
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, &dev), -EINVAL);
+    nbd.reserved[1] = 0;
+    ublk_dev_config_init(&cfg);
+    cfg.size = 1 << 20;
+    EXPECT(ublk_nbd_dev_new(&cfg, &nbd, &dev), -EINVAL); /* the size is the export's */
+    nbd.port = 1;
+    EXPECT(ublk_nbd_dev_new(NULL, &nbd, &dev), -ECONNREFUSED);
+    CHECK(dev == (ublk_dev *)0x1, "out written on failure");
 }
 
 /* ---- kernel part ---------------------------------------------------------- */

@@ -1,0 +1,858 @@
+//! The NBD client of one ublk queue: a [`Target`] that sends each request
+//! to the export on one of the queue's connections and completes it from
+//! the reply.
+//!
+//! Per connection there is one send chain and one receive state machine,
+//! since io_uring orders nothing between operations in flight on one stream
+//! socket:
+//! - send: a batch of request headers (from this target's memory) in one
+//!   send, then, when the batch ends with a WRITE, its payload straight from
+//!   the request buffer (`Lease::send`); then the next batch;
+//! - receive: reply headers into this target's memory (a simple reply is 16
+//!   bytes, a structured chunk 20 plus its fixed body), then an OFFSET_DATA
+//!   payload (or a simple READ reply's) straight into the right range of the
+//!   request buffer (`Lease::recv`), the request found by the reply's handle.
+//!   Holes are zero-filled from /dev/zero; ERROR chunks fail the request.
+//!
+//! Everything from the server is checked (see `proto`); a violation fails
+//! the request it concerns with EIO (when there is one) and drops the
+//! connection. Dropped connections come back through [`Reconnector`]
+//! (backoff 100 ms doubling to 5 s); the requests that were on them, and
+//! those that arrive meanwhile, are re-sent on a connection that is up (NBD
+//! requests are idempotent). Each request fails with EIO once `timeout` has
+//! passed since it arrived, and a connection with a request past that
+//! deadline is dropped: the device never waits forever.
+//!
+//! All state changes happen in the completion callbacks; `batch_end` then
+//! pumps every connection (next send batch, next receive), so the headers
+//! of the requests that arrived together go out in one send.
+
+use super::conn::{self, Endpoint, Reconnector};
+use super::proto::{self, Chunk, Coverage, Export, Head};
+use crate::error::{Error, Result};
+use crate::io::{Io, Op};
+use crate::queue::QueueCtx;
+use crate::target::Target;
+use io_uring::{opcode, types};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+// the kind of an operation, in the top byte of its user value (the rest is
+// the connection index)
+const K_TX: u32 = 1;
+const K_RX: u32 = 2;
+const K_TICK: u32 = 3;
+const K_TXDATA: u32 = 4;
+const K_RXDATA: u32 = 5;
+const K_ZERO: u32 = 6;
+
+fn ud(kind: u32, ci: usize) -> u32 {
+    kind << 24 | ci as u32
+}
+
+/// Request headers per send.
+const TX_BATCH: usize = 32;
+const RX_BUF: usize = proto::CHUNK_LEN + proto::MAX_ERROR_BODY as usize + 16;
+/// Timer period while a connection is down, and while requests are in flight.
+const TICK_DOWN: Duration = Duration::from_millis(100);
+const TICK_BUSY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Up,
+    /// Shut down; waiting for its operations to finish before it is closed.
+    Draining,
+    /// Closed; being reconnected.
+    Down,
+}
+
+/// One TCP connection to the export.
+pub(crate) struct Conn {
+    fd: Option<OwnedFd>,
+    state: State,
+    structured: bool,
+    /// READs go with NBD_CMD_FLAG_DF (structured replies and the server offers it).
+    df: bool,
+    /// 0: not tried, 1: in the ring's file table, 2: registration failed.
+    reg: u8,
+    /// Operations on the socket in flight.
+    ops: u32,
+    sendq: VecDeque<u16>,
+    /// Requests whose header went out and whose reply is not complete.
+    on_wire: u32,
+    /// The READs among them: while there are none, no payload can arrive and
+    /// header receives may take as many bytes as the buffer holds.
+    reads_on_wire: u32,
+    tx: Box<[u8]>,
+    tx_len: usize,
+    tx_done: usize,
+    tx_busy: bool,
+    /// The WRITE whose payload follows the header batch in flight.
+    tx_payload: Option<u16>,
+    rx: Box<[u8]>,
+    rx_have: usize,
+    rx_busy: bool,
+    /// A payload being received: (tag, the chunk had the DONE flag).
+    rx_payload: Option<(u16, bool)>,
+}
+
+impl Conn {
+    pub(crate) fn new(fd: OwnedFd, e: &Export) -> Conn {
+        Conn {
+            fd: Some(fd),
+            state: State::Up,
+            structured: e.structured,
+            df: e.structured && e.has(proto::TFLAG_SEND_DF),
+            reg: 0,
+            ops: 0,
+            sendq: VecDeque::new(),
+            on_wire: 0,
+            reads_on_wire: 0,
+            tx: vec![0u8; TX_BATCH * proto::REQUEST_LEN].into_boxed_slice(),
+            tx_len: 0,
+            tx_done: 0,
+            tx_busy: false,
+            tx_payload: None,
+            rx: vec![0u8; RX_BUF].into_boxed_slice(),
+            rx_have: 0,
+            rx_busy: false,
+            rx_payload: None,
+        }
+    }
+
+    fn raw(&self) -> RawFd {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+}
+
+/// A request of the queue, by tag.
+#[derive(Default)]
+struct Req {
+    /// The target owns it.
+    live: bool,
+    read: bool,
+    has_data: bool,
+    cmd: u16,
+    flags: u16,
+    off: u64,
+    len: u32,
+    /// Part of the handle: tells a reply to this attempt from stale ones.
+    seq: u16,
+    /// The connection it is queued or sent on.
+    conn: Option<usize>,
+    /// Its header went out on `conn`.
+    wire: bool,
+    /// In the waiting list (no connection up).
+    waiting: bool,
+    /// Lease operations in flight (payload, zero fill).
+    ops: u32,
+    /// Its payload is next in its connection's send chain.
+    tx_pending: bool,
+    /// The reply is complete: the result.
+    result: Option<i32>,
+    /// First error chunk of the reply.
+    err: i32,
+    /// First failed zero fill.
+    local_err: i32,
+    cov: Coverage,
+    deadline: Option<Instant>,
+    /// Its connection dropped: send it again once its operations are over.
+    requeue: bool,
+    /// A FUA write to a server without FUA: a FLUSH follows the write.
+    fua_flush: bool,
+}
+
+/// The target of one queue.
+pub struct NbdQueue {
+    ep: Arc<Endpoint>,
+    export: Export,
+    timeout: Duration,
+    conns: Vec<Conn>,
+    reqs: Vec<Req>,
+    waiting: VecDeque<u16>,
+    active: u32,
+    zero: File,
+    recon: Reconnector,
+    tick: Box<types::Timespec>,
+    tick_armed: bool,
+    stopped: bool,
+    /// The request a protocol violation concerns (failed with EIO, not re-sent).
+    culprit: Option<usize>,
+    label: String,
+}
+
+fn handle(tag: u16, seq: u16) -> u64 {
+    (seq as u64) << 16 | tag as u64
+}
+
+impl NbdQueue {
+    pub(crate) fn new(ep: Arc<Endpoint>, export: Export, timeout: Duration, conns: Vec<Conn>, depth: u16, label: String) -> Result<NbdQueue> {
+        let zero = File::open("/dev/zero").map_err(|e| Error::from_io(e, "cannot open /dev/zero"))?;
+        let hs_timeout = timeout.min(Duration::from_secs(10));
+        Ok(NbdQueue {
+            recon: Reconnector::new(ep.clone(), hs_timeout, label.clone()),
+            ep,
+            export,
+            timeout,
+            conns,
+            reqs: (0..depth).map(|_| Req::default()).collect(),
+            waiting: VecDeque::new(),
+            active: 0,
+            zero,
+            tick: Box::new(types::Timespec::new()),
+            tick_armed: false,
+            stopped: false,
+            culprit: None,
+            label,
+        })
+    }
+
+    /// Maps a ublk request to an NBD command and queues it.
+    fn start(&mut self, ctx: &mut QueueCtx<'_>, io: &Io<'_>) -> Result<()> {
+        let e = self.export;
+        let tag = io.tag();
+        let (cmd, flags, fua_flush) = match io.op() {
+            Op::Read => (proto::CMD_READ, 0, false),
+            Op::Write if e.has(proto::TFLAG_READ_ONLY) => return Err(Error::new(libc::EROFS, "read-only export")),
+            Op::Write if io.flags().fua() && e.has(proto::TFLAG_SEND_FUA) => (proto::CMD_WRITE, proto::CMD_FLAG_FUA, false),
+            Op::Write => (proto::CMD_WRITE, 0, io.flags().fua() && e.has(proto::TFLAG_SEND_FLUSH)),
+            Op::Flush if e.has(proto::TFLAG_SEND_FLUSH) => (proto::CMD_FLUSH, 0, false),
+            Op::Flush => return ctx.complete(tag, 0),
+            Op::Discard if e.has(proto::TFLAG_SEND_TRIM) => (proto::CMD_TRIM, 0, false),
+            Op::WriteZeroes if e.has(proto::TFLAG_SEND_WRITE_ZEROES) => {
+                (proto::CMD_WRITE_ZEROES, if io.flags().nounmap() { proto::CMD_FLAG_NO_HOLE } else { 0 }, false)
+            }
+            op => return Err(Error::new(libc::EOPNOTSUPP, format!("{op:?} is not offered by the export"))),
+        };
+        if io.op().has_data() {
+            ctx.lease(tag).complete_manually()?;
+        }
+        let r = &mut self.reqs[tag as usize];
+        let (seq, mut cov) = (r.seq, std::mem::take(&mut r.cov));
+        cov.clear();
+        *r = Req {
+            live: true,
+            read: io.op() == Op::Read,
+            has_data: io.op().has_data(),
+            cmd,
+            flags,
+            off: io.offset(),
+            len: io.len(),
+            seq,
+            cov,
+            deadline: Some(Instant::now() + self.timeout),
+            fua_flush,
+            ..Default::default()
+        };
+        self.active += 1;
+        self.enqueue(tag);
+        Ok(())
+    }
+
+    /// Queues a request on the least busy connection that is up, or in the
+    /// waiting list when none is.
+    fn enqueue(&mut self, tag: u16) {
+        let best = self.conns.iter().enumerate().filter(|(_, c)| c.state == State::Up).min_by_key(|(_, c)| c.sendq.len() as u32 + c.on_wire).map(|(i, _)| i);
+        let r = &mut self.reqs[tag as usize];
+        r.conn = best;
+        match best {
+            Some(ci) => self.conns[ci].sendq.push_back(tag),
+            None => {
+                r.waiting = true;
+                self.waiting.push_back(tag);
+            }
+        }
+    }
+
+    /// Completes, re-sends or leaves a request, as its state allows.
+    fn settle(&mut self, ctx: &mut QueueCtx<'_>, tag: usize) {
+        let r = &mut self.reqs[tag];
+        if !r.live || r.ops > 0 || r.tx_pending {
+            return;
+        }
+        if let Some(mut res) = r.result {
+            if res >= 0 && r.local_err < 0 {
+                res = r.local_err;
+            }
+            if res >= 0 && r.fua_flush && r.cmd == proto::CMD_WRITE {
+                // the write is done: its FLUSH makes it durable
+                r.cmd = proto::CMD_FLUSH;
+                r.flags = 0;
+                r.result = None;
+                self.enqueue(tag as u16);
+                return;
+            }
+            r.live = false;
+            self.active -= 1;
+            let _ = ctx.complete(tag as u16, res);
+        } else if r.requeue {
+            r.requeue = false;
+            r.cov.clear();
+            r.err = 0;
+            r.local_err = 0;
+            if r.deadline.is_some_and(|d| Instant::now() >= d) {
+                r.result = Some(-libc::EIO);
+                self.settle(ctx, tag);
+            } else {
+                self.enqueue(tag as u16);
+            }
+        }
+    }
+
+    /// Drops connection `ci`: shuts the socket down (its operations finish),
+    /// takes its requests back for re-sending (except `culprit`, which fails
+    /// with EIO) and, once nothing is in flight on it, closes and reconnects it.
+    fn conn_fail(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, why: Error, culprit: Option<usize>) {
+        let c = &mut self.conns[ci];
+        if c.state != State::Up {
+            return;
+        }
+        if !self.stopped {
+            eprintln!(
+                "ublk nbd: {} conn {ci}: dropping the connection to {}: {why}; reconnecting (its requests are sent again; any request fails with EIO {}s after it arrived)",
+                self.label,
+                self.ep,
+                self.timeout.as_secs_f64()
+            );
+        }
+        c.state = State::Draining;
+        // SAFETY: shutdown on a socket this connection owns.
+        unsafe { libc::shutdown(c.raw(), libc::SHUT_RDWR) };
+        c.sendq.clear();
+        c.on_wire = 0;
+        c.reads_on_wire = 0;
+        let mut affected = Vec::new();
+        for (tag, r) in self.reqs.iter_mut().enumerate() {
+            if r.live && r.conn == Some(ci) && r.result.is_none() {
+                r.conn = None;
+                r.wire = false;
+                if Some(tag) == culprit {
+                    r.result = Some(-libc::EIO);
+                } else {
+                    r.requeue = true;
+                }
+                affected.push(tag);
+            }
+        }
+        self.conn_settle(ctx, ci);
+        for tag in affected {
+            self.settle(ctx, tag);
+        }
+    }
+
+    /// A draining connection with nothing in flight: closed, and reconnected.
+    fn conn_settle(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
+        let c = &mut self.conns[ci];
+        if c.state != State::Draining || c.ops > 0 {
+            return;
+        }
+        if c.reg == 1 {
+            let _ = ctx.unregister_fd(c.raw());
+        }
+        c.fd = None;
+        c.state = State::Down;
+        c.reg = 0;
+        c.rx_have = 0;
+        c.rx_busy = false;
+        c.rx_payload = None;
+        c.tx_busy = false;
+        let payload = c.tx_payload.take();
+        if !self.stopped {
+            self.recon.start(ci);
+        }
+        if let Some(t) = payload {
+            self.reqs[t as usize].tx_pending = false;
+            self.settle(ctx, t as usize);
+        }
+    }
+
+    /// Takes back reconnected sockets; the waiting requests go out on them.
+    fn adopt_reconnected(&mut self) {
+        for rc in self.recon.poll() {
+            let i = rc.index;
+            if self.stopped || i >= self.conns.len() || self.conns[i].state != State::Down {
+                continue;
+            }
+            let (old, new) = (self.export, rc.export);
+            if new.size < old.size || (new.has(proto::TFLAG_READ_ONLY) && !old.has(proto::TFLAG_READ_ONLY)) {
+                eprintln!("ublk nbd: {} conn {i}: the export changed (size {} -> {}, flags {:#x} -> {:#x}): not using it; retrying", self.label, old.size, new.size, old.flags, new.flags);
+                self.recon.start(i);
+                continue;
+            }
+            self.conns[i] = Conn::new(rc.fd, &new);
+            for tag in std::mem::take(&mut self.waiting) {
+                self.reqs[tag as usize].waiting = false;
+                self.enqueue(tag);
+            }
+        }
+    }
+
+    /// Fails requests past their deadline; drops connections that hold one.
+    fn check_deadlines(&mut self, ctx: &mut QueueCtx<'_>) {
+        let now = Instant::now();
+        let mut late_conns = Vec::new();
+        let mut expired = 0;
+        for tag in 0..self.reqs.len() {
+            let r = &mut self.reqs[tag];
+            if !r.live || r.result.is_some() || r.deadline.map_or(true, |d| now < d) {
+                continue;
+            }
+            if let Some(ci) = r.conn {
+                if !late_conns.contains(&ci) {
+                    late_conns.push(ci);
+                }
+            } else if r.waiting {
+                r.waiting = false;
+                r.result = Some(-libc::EIO);
+                self.waiting.retain(|&t| t as usize != tag);
+                expired += 1;
+                self.settle(ctx, tag);
+            }
+        }
+        if expired > 0 {
+            eprintln!("ublk nbd: {}: {expired} request(s) failed with EIO: no connection to {} within {}s", self.label, self.ep, self.timeout.as_secs_f64());
+        }
+        for ci in late_conns {
+            let why = Error::new(libc::ETIMEDOUT, format!("a request got no reply within {}s", self.timeout.as_secs_f64()));
+            self.conn_fail(ctx, ci, why, None);
+        }
+    }
+
+    fn ensure_tick(&mut self, ctx: &mut QueueCtx<'_>) {
+        if self.stopped || self.tick_armed {
+            return;
+        }
+        let down = self.conns.iter().any(|c| c.state != State::Up);
+        if !down && self.active == 0 {
+            return;
+        }
+        let p = if down { TICK_DOWN } else { TICK_BUSY };
+        *self.tick = types::Timespec::new().sec(p.as_secs()).nsec(p.subsec_nanos());
+        let e = opcode::Timeout::new(&*self.tick as *const types::Timespec).build();
+        // SAFETY: the timespec lives in this target, which outlives its operations.
+        if unsafe { ctx.submit(e, 0, ud(K_TICK, 0)) }.is_ok() {
+            self.tick_armed = true;
+        }
+    }
+
+    /// Sends batches of headers on `ci` while its send chain is idle: each
+    /// batch ends at a WRITE, whose payload the lease then sends.
+    fn tx_kick(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
+        loop {
+            let c = &mut self.conns[ci];
+            if c.state != State::Up || c.tx_busy || c.sendq.is_empty() {
+                return;
+            }
+            let mut n = 0;
+            c.tx_payload = None;
+            while n < TX_BATCH {
+                let Some(tag) = c.sendq.pop_front() else { break };
+                let r = &mut self.reqs[tag as usize];
+                r.seq = r.seq.wrapping_add(1);
+                r.wire = true;
+                c.on_wire += 1;
+                c.reads_on_wire += r.read as u32;
+                let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
+                let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
+                proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
+                n += 1;
+                if r.cmd == proto::CMD_WRITE {
+                    r.tx_pending = true;
+                    c.tx_payload = Some(tag);
+                    break;
+                }
+            }
+            c.tx_len = n * proto::REQUEST_LEN;
+            c.tx_done = 0;
+            c.tx_busy = true;
+            match self.send_headers(ctx, ci) {
+                Ok(true) => {
+                    if !self.headers_sent(ctx, ci) {
+                        return;
+                    }
+                }
+                Ok(false) => return,
+                Err(e) => return self.conn_fail(ctx, ci, e, None),
+            }
+        }
+    }
+
+    /// Sends the rest of the header batch: first with non-blocking send(2)
+    /// (Ok(true): all of it went), then, for what the socket did not take,
+    /// with a ring send (Ok(false)).
+    fn send_headers(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<bool> {
+        let c = &mut self.conns[ci];
+        let more = if c.tx_payload.is_some() { libc::MSG_MORE } else { 0 };
+        while c.tx_done < c.tx_len {
+            let p = c.tx[c.tx_done..].as_ptr();
+            // SAFETY: sends from this connection's buffer, inside its bounds.
+            let n = unsafe { libc::send(c.raw(), p as *const libc::c_void, c.tx_len - c.tx_done, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more) };
+            if n > 0 {
+                c.tx_done += n as usize;
+                continue;
+            }
+            let err = if n == 0 { libc::EPIPE } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
+            match err {
+                libc::EINTR => continue,
+                libc::EAGAIN => break,
+                e => return Err(Error::new(e, "sending request headers")),
+            }
+        }
+        if c.tx_done == c.tx_len {
+            return Ok(true);
+        }
+        let p = c.tx[c.tx_done..].as_ptr();
+        let e = opcode::Send::new(types::Fd(c.raw()), p, (c.tx_len - c.tx_done) as u32).flags(libc::MSG_NOSIGNAL | more).build();
+        // SAFETY: the buffer is this connection's, kept (boxed) until the
+        // operation completes: a connection is replaced only once idle.
+        unsafe { ctx.submit(e, 0, ud(K_TX, ci)) }?;
+        c.ops += 1;
+        Ok(false)
+    }
+
+    /// The header batch is out: sends the WRITE payload that follows it, if
+    /// any. True when the send chain is idle again.
+    fn headers_sent(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> bool {
+        let c = &mut self.conns[ci];
+        let Some(tag) = c.tx_payload else {
+            c.tx_busy = false;
+            return true;
+        };
+        let (fd, len) = (c.raw(), self.reqs[tag as usize].len);
+        match ctx.lease(tag).send(fd, 0..len, ud(K_TXDATA, ci)) {
+            Ok(()) => {
+                self.conns[ci].ops += 1;
+                self.reqs[tag as usize].ops += 1;
+            }
+            Err(e) => self.conn_fail(ctx, ci, e.context("sending write data"), Some(tag as usize)),
+        }
+        false
+    }
+
+    fn tx_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, res: i32) {
+        let c = &mut self.conns[ci];
+        c.ops -= 1;
+        if c.state != State::Up {
+            return self.conn_settle(ctx, ci);
+        }
+        if res <= 0 {
+            let e = Error::new(if res < 0 { -res } else { libc::EPIPE }, "sending request headers");
+            return self.conn_fail(ctx, ci, e, None);
+        }
+        c.tx_done += res as usize;
+        match self.send_headers(ctx, ci) {
+            Ok(true) => {
+                self.headers_sent(ctx, ci);
+            }
+            Ok(false) => {}
+            Err(e) => self.conn_fail(ctx, ci, e, None),
+        }
+    }
+
+    fn txdata_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: u16, res: i32) {
+        self.conns[ci].ops -= 1;
+        self.reqs[tag as usize].ops -= 1;
+        if self.conns[ci].state != State::Up {
+            self.conn_settle(ctx, ci);
+            return self.settle(ctx, tag as usize);
+        }
+        let c = &mut self.conns[ci];
+        c.tx_payload = None;
+        c.tx_busy = false;
+        self.reqs[tag as usize].tx_pending = false;
+        if res < 0 {
+            self.conn_fail(ctx, ci, Error::new(-res, "sending write data"), None);
+        }
+        self.settle(ctx, tag as usize);
+    }
+
+    /// Keeps a receive going on `ci`: decodes what arrived, then either
+    /// receives more header bytes or a payload. Header bytes are first taken
+    /// with a non-blocking recv(2) into this connection's buffer (replies
+    /// that are already there cost no ring round trip); only when the socket
+    /// is empty does a ring receive wait for them.
+    fn rx_pump(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
+        let c = &self.conns[ci];
+        if c.state != State::Up || c.rx_busy {
+            return;
+        }
+        loop {
+            self.culprit = None;
+            let ask = match self.rx_step(ctx, ci) {
+                Ok(Some(ask)) => ask,
+                Ok(None) => return,
+                Err(e) => {
+                    let culprit = self.culprit.take();
+                    return self.conn_fail(ctx, ci, e, culprit);
+                }
+            };
+            let c = &mut self.conns[ci];
+            // No READ on the wire: no payload can follow, so this recv may
+            // take all there is. (Not the ring receive below: a READ may be
+            // sent while it waits, and its payload must not land here.)
+            let now = if c.reads_on_wire == 0 { RX_BUF - c.rx_have } else { ask };
+            debug_assert!(ask > 0 && c.rx_have + now <= RX_BUF);
+            // SAFETY: have + ask <= have + now <= RX_BUF (asks stay within one
+            // reply header and body, or the whole buffer when no payload can come).
+            let p = unsafe { c.rx.as_mut_ptr().add(c.rx_have) };
+            // SAFETY: receives into this connection's buffer, inside its bounds.
+            let n = unsafe { libc::recv(c.raw(), p as *mut libc::c_void, now, libc::MSG_DONTWAIT) };
+            if n > 0 {
+                c.rx_have += n as usize;
+                continue;
+            }
+            let err = if n == 0 { libc::ECONNRESET } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
+            match err {
+                libc::EINTR => continue,
+                libc::EAGAIN => {}
+                libc::ECONNRESET if n == 0 => return self.conn_fail(ctx, ci, Error::new(libc::ECONNRESET, "the server closed the connection"), None),
+                e => return self.conn_fail(ctx, ci, Error::new(e, "receiving a reply"), None),
+            }
+            let e = opcode::Recv::new(types::Fd(c.raw()), p, ask as u32).build();
+            // SAFETY: the buffer is this connection's and outlives the operation.
+            match unsafe { ctx.submit(e, 0, ud(K_RX, ci)) } {
+                Ok(()) => {
+                    c.rx_busy = true;
+                    c.ops += 1;
+                }
+                Err(e) => self.conn_fail(ctx, ci, e, None),
+            }
+            return;
+        }
+    }
+
+    /// Decodes the replies received so far. Ok(Some(n)): receive up to n
+    /// more header bytes; Ok(None): a payload receive was started.
+    fn rx_step(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<Option<usize>> {
+        loop {
+            self.culprit = None;
+            let c = &self.conns[ci];
+            let have = c.rx_have;
+            match proto::decode_head(&c.rx[..have], c.structured)? {
+                Head::NeedMore(n) => {
+                    // structured: up to 28 bytes from a reply's start are never payload
+                    let upto = if c.structured { proto::STRUCTURED_SAFE_LEN } else { n };
+                    return Ok(Some(upto - have));
+                }
+                Head::Simple { error, handle } => {
+                    let tag = self.lookup(ci, handle)?;
+                    self.consume(ci, proto::SIMPLE_LEN);
+                    if error != 0 {
+                        self.reqs[tag].err = -proto::local_errno(error);
+                        self.reply_done(ctx, ci, tag);
+                        continue;
+                    }
+                    if self.reqs[tag].read {
+                        if self.conns[ci].structured {
+                            return Err(proto::violation("a simple reply without error to a READ, after structured replies were negotiated"));
+                        }
+                        let len = self.reqs[tag].len;
+                        self.reqs[tag].cov.add(0, len)?;
+                        self.start_payload(ctx, ci, tag, 0, len, true)?;
+                        return Ok(None);
+                    }
+                    self.reply_done(ctx, ci, tag);
+                }
+                Head::Chunk { flags, typ, handle, length } => {
+                    let need = proto::CHUNK_LEN + proto::chunk_body_len(flags, typ, length)?;
+                    if have < need {
+                        return Ok(Some(need - have));
+                    }
+                    let tag = self.lookup(ci, handle)?;
+                    let r = &self.reqs[tag];
+                    let body = &self.conns[ci].rx[proto::CHUNK_LEN..need];
+                    let ch = proto::decode_chunk(typ, length, body, r.read, r.off, r.len)?;
+                    self.consume(ci, need);
+                    let done = flags & proto::REPLY_FLAG_DONE != 0;
+                    match ch {
+                        Chunk::Data { buf_off, len } => {
+                            self.reqs[tag].cov.add(buf_off, len)?;
+                            self.start_payload(ctx, ci, tag, buf_off, len, done)?;
+                            return Ok(None);
+                        }
+                        Chunk::Hole { buf_off, len } => {
+                            self.reqs[tag].cov.add(buf_off, len)?;
+                            ctx.lease(tag as u16).read_into(self.zero.as_raw_fd(), 0, buf_off..buf_off + len, ud(K_ZERO, ci))?;
+                            self.reqs[tag].ops += 1;
+                        }
+                        Chunk::Error(e) => {
+                            let r = &mut self.reqs[tag];
+                            if r.err == 0 {
+                                r.err = -e;
+                            }
+                        }
+                        Chunk::None => {}
+                    }
+                    if done {
+                        self.chunks_done(ctx, ci, tag)?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The request a reply's handle names: live, sent on this connection,
+    /// not answered yet; anything else is a protocol violation.
+    fn lookup(&mut self, ci: usize, handle: u64) -> Result<usize> {
+        let tag = (handle & 0xffff) as usize;
+        let seq = handle >> 16;
+        let ok = seq <= 0xffff && self.reqs.get(tag).is_some_and(|r| r.live && r.conn == Some(ci) && r.wire && r.seq as u64 == seq && r.result.is_none());
+        if !ok {
+            return Err(proto::violation(format!("a reply for handle {handle:#x}, which names no request in flight on this connection")));
+        }
+        self.culprit = Some(tag);
+        Ok(tag)
+    }
+
+    fn consume(&mut self, ci: usize, n: usize) {
+        let c = &mut self.conns[ci];
+        c.rx.copy_within(n..c.rx_have, 0);
+        c.rx_have -= n;
+    }
+
+    fn start_payload(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize, off: u32, len: u32, done: bool) -> Result<()> {
+        let fd = self.conns[ci].raw();
+        ctx.lease(tag as u16).recv(fd, off..off + len, ud(K_RXDATA, ci))?;
+        let c = &mut self.conns[ci];
+        c.ops += 1;
+        c.rx_busy = true;
+        c.rx_payload = Some((tag as u16, done));
+        self.reqs[tag].ops += 1;
+        Ok(())
+    }
+
+    /// The last chunk of a reply arrived (and its payload, if any).
+    fn chunks_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize) -> Result<()> {
+        let r = &self.reqs[tag];
+        if r.err == 0 && r.read && r.cov.bytes != r.len as u64 {
+            return Err(proto::violation(format!("the reply to a {}-byte READ ended after {} bytes", r.len, r.cov.bytes)));
+        }
+        self.reply_done(ctx, ci, tag);
+        Ok(())
+    }
+
+    fn reply_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize) {
+        let r = &mut self.reqs[tag];
+        r.wire = false;
+        r.conn = None;
+        r.result = Some(if r.err < 0 { r.err } else if r.has_data { r.len as i32 } else { 0 });
+        let c = &mut self.conns[ci];
+        c.on_wire -= 1;
+        c.reads_on_wire -= r.read as u32;
+        self.settle(ctx, tag);
+    }
+
+    fn rx_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, res: i32) {
+        let c = &mut self.conns[ci];
+        c.ops -= 1;
+        c.rx_busy = false;
+        if c.state != State::Up {
+            return self.conn_settle(ctx, ci);
+        }
+        if res <= 0 {
+            let e = if res == 0 { Error::new(libc::ECONNRESET, "the server closed the connection") } else { Error::new(-res, "receiving a reply") };
+            return self.conn_fail(ctx, ci, e, None);
+        }
+        c.rx_have += res as usize;
+    }
+
+    fn rxdata_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: u16, res: i32) {
+        let c = &mut self.conns[ci];
+        c.ops -= 1;
+        c.rx_busy = false;
+        let payload = c.rx_payload.take();
+        self.reqs[tag as usize].ops -= 1;
+        if c.state != State::Up {
+            self.conn_settle(ctx, ci);
+            return self.settle(ctx, tag as usize);
+        }
+        if res < 0 {
+            self.conn_fail(ctx, ci, Error::new(-res, "receiving read data"), None);
+            return self.settle(ctx, tag as usize);
+        }
+        if let Some((t, true)) = payload {
+            // cannot fail: coverage was checked when the chunk came
+            if let Err(e) = self.chunks_done(ctx, ci, t as usize) {
+                self.conn_fail(ctx, ci, e, Some(t as usize));
+            }
+        }
+        self.settle(ctx, tag as usize);
+    }
+
+    /// The device is going away: say goodbye, shut every socket down so
+    /// that the standing receives end, and stop reconnecting.
+    fn stop_all(&mut self) {
+        self.stopped = true;
+        self.recon.stop();
+        for c in &mut self.conns {
+            if c.state == State::Up {
+                conn::say_goodbye(c.raw());
+                // SAFETY: shutdown on a socket this connection owns.
+                unsafe { libc::shutdown(c.raw(), libc::SHUT_RDWR) };
+                c.state = State::Draining;
+            }
+        }
+    }
+}
+
+impl Target for NbdQueue {
+    fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>) {
+        if let Err(e) = self.start(ctx, &io) {
+            let _ = ctx.complete(io.tag(), e.neg_errno());
+        }
+    }
+
+    fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, _tag: u16, data: u32, res: i32) {
+        let ci = (data & 0xff_ffff) as usize;
+        match data >> 24 {
+            K_TX => self.tx_done(ctx, ci, res),
+            K_RX => self.rx_done(ctx, ci, res),
+            K_TICK => {
+                self.tick_armed = false;
+                if !self.stopped {
+                    self.check_deadlines(ctx);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
+        let ci = (data & 0xff_ffff) as usize;
+        match data >> 24 {
+            K_TXDATA => self.txdata_done(ctx, ci, tag, res),
+            K_RXDATA => self.rxdata_done(ctx, ci, tag, res),
+            K_ZERO => {
+                let r = &mut self.reqs[tag as usize];
+                r.ops -= 1;
+                if res < 0 && r.local_err == 0 {
+                    r.local_err = res;
+                }
+                self.settle(ctx, tag as usize);
+            }
+            _ => {}
+        }
+    }
+
+    fn batch_end(&mut self, ctx: &mut QueueCtx<'_>) {
+        if self.stopped {
+            return;
+        }
+        if ctx.is_stopping() {
+            return self.stop_all();
+        }
+        self.adopt_reconnected();
+        for ci in 0..self.conns.len() {
+            let c = &mut self.conns[ci];
+            if c.state == State::Up && c.reg == 0 {
+                c.reg = if ctx.register_fd(c.raw()).is_ok() { 1 } else { 2 };
+            }
+            self.tx_kick(ctx, ci);
+            self.rx_pump(ctx, ci);
+        }
+        self.ensure_tick(ctx);
+    }
+}
