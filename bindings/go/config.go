@@ -147,9 +147,18 @@ const maxQueues, maxDepth = 4096, 4096
 // cConfig checks the values Go can catch (negative, out of the C types'
 // range) and fills a C config; the engine checks the rest (ublk_dev_new).
 func (cfg *Config) cConfig(c *C.struct_ublk_dev_config) error {
-	C.ublk_dev_config_init(c)
 	if cfg.Size <= 0 {
 		return invalid("Size %d: must be > 0", cfg.Size)
+	}
+	return cfg.cConfigSized(c)
+}
+
+// cConfigSized is cConfig for a Size that may be 0 (a built-in target that
+// takes the size from its backend, as NewNBD).
+func (cfg *Config) cConfigSized(c *C.struct_ublk_dev_config) error {
+	C.ublk_dev_config_init(c)
+	if cfg.Size < 0 {
+		return invalid("Size %d: must be >= 0", cfg.Size)
 	}
 	c.size = C.uint64_t(cfg.Size)
 	if cfg.Queues != 0 {

@@ -391,6 +391,69 @@ class Device:
                              "read/write methods needs copy mode (create it with zero_copy=\"copy\")")
         return self
 
+    @classmethod
+    def nbd(cls, host: str, port: int = 10809, *, export: Optional[str] = None, connections: int = 1,
+            timeout: float = 30.0, queues: int = 1, depth: int = 128, zero_copy: str = "auto",
+            dev_id: Optional[int] = None, recovery: str = "none", affinity: str = "single") -> "Device":
+        """A device served by libublk's built-in NBD client (no Python
+        target: the engine moves the data between the block layer and the
+        sockets). Connects once to learn the export's size and flags; each
+        queue then opens `connections` TCP connections (several need a
+        server that allows them). A request not answered within `timeout`
+        seconds fails with EIO; dropped connections are reconnected.
+        `start()` / `serve()` / `close()` as for any Device; `map()` is
+        refused (EOPNOTSUPP). Raises UblkError: ECONNREFUSED & co (server
+        unreachable), ENXIO (unknown host), ENOENT (no such export),
+        EOPNOTSUPP, EPROTO (not NBD), ETIMEDOUT, EINVAL."""
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty str, got {host!r}")
+        for k, v, lo, hi in (("port", port, 1, 65535), ("connections", connections, 1, 16),
+                             ("queues", queues, 1, 4096), ("depth", depth, 1, 4096)):
+            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+                raise ValueError(f"{k} must be an int in {lo}..{hi}, got {v!r}")
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 1 <= timeout <= 86400:
+            raise ValueError(f"timeout must be 1..86400 seconds, got {timeout!r}")
+        if zero_copy not in _MODES:
+            raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
+        if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
+            raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+        if not isinstance(recovery, str) or recovery not in _RECOVERY:
+            raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
+        if affinity not in _AFFINITY:
+            raise ValueError(f"affinity must be one of {', '.join(_AFFINITY)}, got {affinity!r}")
+        lib = L.lib()
+        cfg = L.ublk_dev_config()
+        _check(lib.ublk_dev_config_init(ctypes.byref(cfg)), "ublk_dev_config_init")
+        cfg.size = 0
+        cfg.nr_queues = queues
+        cfg.queue_depth = depth
+        cfg.data_mode = _MODES[zero_copy]
+        cfg.dev_id = -1 if dev_id is None else dev_id
+        cfg.recovery = _RECOVERY[recovery]
+        cfg.cpu_affinity = _AFFINITY[affinity]
+        n = L.ublk_nbd_config()
+        _check(lib.ublk_nbd_config_init(ctypes.byref(n)), "ublk_nbd_config_init")
+        n.host = _c_string("host", host)
+        n.export_name = _c_string("export", export)
+        n.port = port
+        n.connections = connections
+        n.timeout_ms = int(timeout * 1000)
+        self = cls.__new__(cls)
+        self._dev = ctypes.c_void_p()
+        self._target = None
+        self._handle = None
+        self._methods = {}
+        self._pending = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.Lock()
+        self._started = False
+        self._batcher = None
+        self._max_io = 0
+        _check(lib.ublk_nbd_dev_new(ctypes.byref(cfg), ctypes.byref(n), ctypes.byref(self._dev)),
+               f"nbd device for {host}:{port}")
+        self._load_info()
+        return self
+
     def _setup(self, target: Any) -> tuple[bool, set[str]]:
         """What `Device(...)` and `Device.recover` share: the target's kind
         and the callbacks handed to C. Returns (has handle, simple methods)."""

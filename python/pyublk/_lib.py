@@ -66,6 +66,17 @@ class ublk_dev_config(Structure):
     ]
 
 
+class ublk_nbd_config(Structure):
+    _fields_ = [
+        ("host", c_char_p),
+        ("export_name", c_char_p),
+        ("port", c_uint16),
+        ("connections", c_uint16),
+        ("timeout_ms", c_uint32),
+        ("reserved", c_uint64 * 4),
+    ]
+
+
 HANDLE_IO = CFUNCTYPE(None, c_void_p, c_void_p)
 QUEUE_INIT = CFUNCTYPE(c_int, c_void_p, c_uint16, POINTER(c_void_p))
 QUEUE_DEINIT = CFUNCTYPE(None, c_void_p, c_uint16, c_void_p)
@@ -133,6 +144,7 @@ STRUCTS = {
     "ublk_target_ops": ublk_target_ops,
     "ublk_dev_info": ublk_dev_info,
     "ublk_queue_stats": ublk_queue_stats,
+    "ublk_nbd_config": ublk_nbd_config,
 }
 
 # --- functions: name -> (restype, argtypes) ------------------------------------------
@@ -146,6 +158,8 @@ FUNCTIONS = {
     "ublk_feature_name": (c_char_p, [c_uint32]),
     "ublk_dev_config_init": (c_int, [POINTER(ublk_dev_config)]),
     "ublk_dev_new": (c_int, [POINTER(ublk_dev_config), POINTER(ublk_target_ops), c_void_p, POINTER(c_void_p)]),
+    "ublk_nbd_config_init": (c_int, [POINTER(ublk_nbd_config)]),
+    "ublk_nbd_dev_new": (c_int, [POINTER(ublk_dev_config), POINTER(ublk_nbd_config), POINTER(c_void_p)]),
     "ublk_dev_recover": (c_int, [c_uint32, c_char_p, POINTER(ublk_target_ops), c_void_p, POINTER(c_void_p)]),
     "ublk_dev_target_name": (c_char_p, [_dev]),
     "ublk_dev_target_args": (c_char_p, [_dev]),

@@ -222,6 +222,56 @@ class HalfMapped:
         io.complete(io.length)
 
 
+@pytest.fixture
+def qemu_nbd(backing):
+    """qemu-nbd serving `backing` (raw) on a free loopback port."""
+    if not shutil.which("qemu-nbd"):
+        pytest.fail("qemu-nbd is missing (package qemu-utils: tests/vm/setup)")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-e", "8", "-b", "127.0.0.1", "-p", str(port), backing],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    for _ in range(150):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        p.kill()
+        pytest.fail(f"qemu-nbd did not listen: {p.stderr.read()[-500:]}")
+    yield port
+    p.kill()
+    p.wait(30)
+
+
+def test_nbd_device_from_python(qemu_nbd, backing):
+    port = qemu_nbd
+    with pytest.raises(pyublk.UblkError) as e:
+        pyublk.Device.nbd("127.0.0.1", 1)  # nothing listens on port 1
+    assert e.value.errno == errno.ECONNREFUSED, e.value
+    for bad in (dict(port=0), dict(connections=0), dict(connections=17), dict(timeout=0.5), dict(zero_copy="x")):
+        with pytest.raises(ValueError):
+            pyublk.Device.nbd("127.0.0.1", **{"port": port, **bad})
+    with pytest.raises(ValueError):
+        pyublk.Device.nbd("", port)
+    with pyublk.Device.nbd("127.0.0.1", port, connections=2, queues=2, depth=32) as dev:
+        assert dev.size == os.path.getsize(backing), (dev.size, os.path.getsize(backing))
+        assert dev.target_name == "nbd" and dev.queues == 2, (dev.target_name, dev.queues)
+        with pytest.raises(pyublk.UblkError) as e:
+            dev.map(0, 4096, 0)
+        assert e.value.errno == errno.EOPNOTSUPP, e.value
+        dev.start()
+        fio_verify(dev.path, size="32M")
+        # what went through the device is in the file qemu-nbd serves
+        with open(dev.path, "rb", buffering=0) as d, open(backing, "rb") as f:
+            assert d.read(1 << 20) == f.read(1 << 20), "the device and the export differ"
+        st = dev.stats()
+        assert sum(q["ios"] for q in st) > 0, st
+
+
 def test_map_routes_reads_and_writes_past_python(backing):
     size = 32 << 20
     fd = os.open(backing, os.O_RDWR)

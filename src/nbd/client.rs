@@ -27,6 +27,9 @@
 //! pumps every connection (next send batch, next receive), so the headers
 //! of the requests that arrived together go out in one send.
 
+mod recv;
+mod send;
+
 use super::conn::{self, Endpoint, Reconnector};
 use super::proto::{self, Chunk, Coverage, Export, Head};
 use crate::error::{Error, Result};
@@ -48,11 +51,17 @@ const K_TICK: u32 = 3;
 const K_TXDATA: u32 = 4;
 const K_RXDATA: u32 = 5;
 const K_ZERO: u32 = 6;
+const K_PAYWAIT: u32 = 7;
 
 fn ud(kind: u32, ci: usize) -> u32 {
     kind << 24 | ci as u32
 }
 
+/// Payloads longer than this are received in one piece: when not all of it
+/// is in the socket yet, a poll with SO_RCVLOWAT (up to PAYWAIT_MAX) waits
+/// for it first, as a blocking MSG_WAITALL receive would.
+const PAYWAIT_MIN: u32 = 16 << 10;
+const PAYWAIT_MAX: u32 = 256 << 10;
 /// Request headers per send.
 const TX_BATCH: usize = 32;
 const RX_BUF: usize = proto::CHUNK_LEN + proto::MAX_ERROR_BODY as usize + 16;
@@ -97,6 +106,12 @@ pub(crate) struct Conn {
     rx_busy: bool,
     /// A payload being received: (tag, the chunk had the DONE flag).
     rx_payload: Option<(u16, bool)>,
+    /// A large payload whose bytes are not all in the socket yet: (tag, off,
+    /// len, done). A poll waits (with SO_RCVLOWAT) until they are, so that
+    /// one receive takes the whole payload instead of a piece per wakeup.
+    rx_wait: Option<(u16, u32, u32, bool)>,
+    /// SO_RCVLOWAT is raised on the socket (for `rx_wait`).
+    lowat: bool,
 }
 
 impl Conn {
@@ -120,6 +135,8 @@ impl Conn {
             rx_have: 0,
             rx_busy: false,
             rx_payload: None,
+            rx_wait: None,
+            lowat: false,
         }
     }
 
@@ -358,6 +375,8 @@ impl NbdQueue {
         c.rx_have = 0;
         c.rx_busy = false;
         c.rx_payload = None;
+        c.rx_wait = None;
+        c.lowat = false;
         c.tx_busy = false;
         let payload = c.tx_payload.take();
         if !self.stopped {
@@ -438,350 +457,6 @@ impl NbdQueue {
         }
     }
 
-    /// Sends batches of headers on `ci` while its send chain is idle: each
-    /// batch ends at a WRITE, whose payload the lease then sends.
-    fn tx_kick(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
-        loop {
-            let c = &mut self.conns[ci];
-            if c.state != State::Up || c.tx_busy || c.sendq.is_empty() {
-                return;
-            }
-            let mut n = 0;
-            c.tx_payload = None;
-            while n < TX_BATCH {
-                let Some(tag) = c.sendq.pop_front() else { break };
-                let r = &mut self.reqs[tag as usize];
-                r.seq = r.seq.wrapping_add(1);
-                r.wire = true;
-                c.on_wire += 1;
-                c.reads_on_wire += r.read as u32;
-                let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
-                let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
-                proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
-                n += 1;
-                if r.cmd == proto::CMD_WRITE {
-                    r.tx_pending = true;
-                    c.tx_payload = Some(tag);
-                    break;
-                }
-            }
-            c.tx_len = n * proto::REQUEST_LEN;
-            c.tx_done = 0;
-            c.tx_busy = true;
-            match self.send_headers(ctx, ci) {
-                Ok(true) => {
-                    if !self.headers_sent(ctx, ci) {
-                        return;
-                    }
-                }
-                Ok(false) => return,
-                Err(e) => return self.conn_fail(ctx, ci, e, None),
-            }
-        }
-    }
-
-    /// Sends the rest of the header batch: first with non-blocking send(2)
-    /// (Ok(true): all of it went), then, for what the socket did not take,
-    /// with a ring send (Ok(false)).
-    fn send_headers(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<bool> {
-        let c = &mut self.conns[ci];
-        let more = if c.tx_payload.is_some() { libc::MSG_MORE } else { 0 };
-        while c.tx_done < c.tx_len {
-            let p = c.tx[c.tx_done..].as_ptr();
-            // SAFETY: sends from this connection's buffer, inside its bounds.
-            let n = unsafe { libc::send(c.raw(), p as *const libc::c_void, c.tx_len - c.tx_done, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT | more) };
-            if n > 0 {
-                c.tx_done += n as usize;
-                continue;
-            }
-            let err = if n == 0 { libc::EPIPE } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
-            match err {
-                libc::EINTR => continue,
-                libc::EAGAIN => break,
-                e => return Err(Error::new(e, "sending request headers")),
-            }
-        }
-        if c.tx_done == c.tx_len {
-            return Ok(true);
-        }
-        let p = c.tx[c.tx_done..].as_ptr();
-        let e = opcode::Send::new(types::Fd(c.raw()), p, (c.tx_len - c.tx_done) as u32).flags(libc::MSG_NOSIGNAL | more).build();
-        // SAFETY: the buffer is this connection's, kept (boxed) until the
-        // operation completes: a connection is replaced only once idle.
-        unsafe { ctx.submit(e, 0, ud(K_TX, ci)) }?;
-        c.ops += 1;
-        Ok(false)
-    }
-
-    /// The header batch is out: sends the WRITE payload that follows it, if
-    /// any. True when the send chain is idle again.
-    fn headers_sent(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> bool {
-        let c = &mut self.conns[ci];
-        let Some(tag) = c.tx_payload else {
-            c.tx_busy = false;
-            return true;
-        };
-        let (fd, len) = (c.raw(), self.reqs[tag as usize].len);
-        match ctx.lease(tag).send(fd, 0..len, ud(K_TXDATA, ci)) {
-            Ok(()) => {
-                self.conns[ci].ops += 1;
-                self.reqs[tag as usize].ops += 1;
-            }
-            Err(e) => self.conn_fail(ctx, ci, e.context("sending write data"), Some(tag as usize)),
-        }
-        false
-    }
-
-    fn tx_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, res: i32) {
-        let c = &mut self.conns[ci];
-        c.ops -= 1;
-        if c.state != State::Up {
-            return self.conn_settle(ctx, ci);
-        }
-        if res <= 0 {
-            let e = Error::new(if res < 0 { -res } else { libc::EPIPE }, "sending request headers");
-            return self.conn_fail(ctx, ci, e, None);
-        }
-        c.tx_done += res as usize;
-        match self.send_headers(ctx, ci) {
-            Ok(true) => {
-                self.headers_sent(ctx, ci);
-            }
-            Ok(false) => {}
-            Err(e) => self.conn_fail(ctx, ci, e, None),
-        }
-    }
-
-    fn txdata_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: u16, res: i32) {
-        self.conns[ci].ops -= 1;
-        self.reqs[tag as usize].ops -= 1;
-        if self.conns[ci].state != State::Up {
-            self.conn_settle(ctx, ci);
-            return self.settle(ctx, tag as usize);
-        }
-        let c = &mut self.conns[ci];
-        c.tx_payload = None;
-        c.tx_busy = false;
-        self.reqs[tag as usize].tx_pending = false;
-        if res < 0 {
-            self.conn_fail(ctx, ci, Error::new(-res, "sending write data"), None);
-        }
-        self.settle(ctx, tag as usize);
-    }
-
-    /// Keeps a receive going on `ci`: decodes what arrived, then either
-    /// receives more header bytes or a payload. Header bytes are first taken
-    /// with a non-blocking recv(2) into this connection's buffer (replies
-    /// that are already there cost no ring round trip); only when the socket
-    /// is empty does a ring receive wait for them.
-    fn rx_pump(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
-        let c = &self.conns[ci];
-        if c.state != State::Up || c.rx_busy {
-            return;
-        }
-        loop {
-            self.culprit = None;
-            let ask = match self.rx_step(ctx, ci) {
-                Ok(Some(ask)) => ask,
-                Ok(None) => return,
-                Err(e) => {
-                    let culprit = self.culprit.take();
-                    return self.conn_fail(ctx, ci, e, culprit);
-                }
-            };
-            let c = &mut self.conns[ci];
-            // No READ on the wire: no payload can follow, so this recv may
-            // take all there is. (Not the ring receive below: a READ may be
-            // sent while it waits, and its payload must not land here.)
-            let now = if c.reads_on_wire == 0 { RX_BUF - c.rx_have } else { ask };
-            debug_assert!(ask > 0 && c.rx_have + now <= RX_BUF);
-            // SAFETY: have + ask <= have + now <= RX_BUF (asks stay within one
-            // reply header and body, or the whole buffer when no payload can come).
-            let p = unsafe { c.rx.as_mut_ptr().add(c.rx_have) };
-            // SAFETY: receives into this connection's buffer, inside its bounds.
-            let n = unsafe { libc::recv(c.raw(), p as *mut libc::c_void, now, libc::MSG_DONTWAIT) };
-            if n > 0 {
-                c.rx_have += n as usize;
-                continue;
-            }
-            let err = if n == 0 { libc::ECONNRESET } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
-            match err {
-                libc::EINTR => continue,
-                libc::EAGAIN => {}
-                libc::ECONNRESET if n == 0 => return self.conn_fail(ctx, ci, Error::new(libc::ECONNRESET, "the server closed the connection"), None),
-                e => return self.conn_fail(ctx, ci, Error::new(e, "receiving a reply"), None),
-            }
-            let e = opcode::Recv::new(types::Fd(c.raw()), p, ask as u32).build();
-            // SAFETY: the buffer is this connection's and outlives the operation.
-            match unsafe { ctx.submit(e, 0, ud(K_RX, ci)) } {
-                Ok(()) => {
-                    c.rx_busy = true;
-                    c.ops += 1;
-                }
-                Err(e) => self.conn_fail(ctx, ci, e, None),
-            }
-            return;
-        }
-    }
-
-    /// Decodes the replies received so far. Ok(Some(n)): receive up to n
-    /// more header bytes; Ok(None): a payload receive was started.
-    fn rx_step(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) -> Result<Option<usize>> {
-        loop {
-            self.culprit = None;
-            let c = &self.conns[ci];
-            let have = c.rx_have;
-            match proto::decode_head(&c.rx[..have], c.structured)? {
-                Head::NeedMore(n) => {
-                    // structured: up to 28 bytes from a reply's start are never payload
-                    let upto = if c.structured { proto::STRUCTURED_SAFE_LEN } else { n };
-                    return Ok(Some(upto - have));
-                }
-                Head::Simple { error, handle } => {
-                    let tag = self.lookup(ci, handle)?;
-                    self.consume(ci, proto::SIMPLE_LEN);
-                    if error != 0 {
-                        self.reqs[tag].err = -proto::local_errno(error);
-                        self.reply_done(ctx, ci, tag);
-                        continue;
-                    }
-                    if self.reqs[tag].read {
-                        if self.conns[ci].structured {
-                            return Err(proto::violation("a simple reply without error to a READ, after structured replies were negotiated"));
-                        }
-                        let len = self.reqs[tag].len;
-                        self.reqs[tag].cov.add(0, len)?;
-                        self.start_payload(ctx, ci, tag, 0, len, true)?;
-                        return Ok(None);
-                    }
-                    self.reply_done(ctx, ci, tag);
-                }
-                Head::Chunk { flags, typ, handle, length } => {
-                    let need = proto::CHUNK_LEN + proto::chunk_body_len(flags, typ, length)?;
-                    if have < need {
-                        return Ok(Some(need - have));
-                    }
-                    let tag = self.lookup(ci, handle)?;
-                    let r = &self.reqs[tag];
-                    let body = &self.conns[ci].rx[proto::CHUNK_LEN..need];
-                    let ch = proto::decode_chunk(typ, length, body, r.read, r.off, r.len)?;
-                    self.consume(ci, need);
-                    let done = flags & proto::REPLY_FLAG_DONE != 0;
-                    match ch {
-                        Chunk::Data { buf_off, len } => {
-                            self.reqs[tag].cov.add(buf_off, len)?;
-                            self.start_payload(ctx, ci, tag, buf_off, len, done)?;
-                            return Ok(None);
-                        }
-                        Chunk::Hole { buf_off, len } => {
-                            self.reqs[tag].cov.add(buf_off, len)?;
-                            ctx.lease(tag as u16).read_into(self.zero.as_raw_fd(), 0, buf_off..buf_off + len, ud(K_ZERO, ci))?;
-                            self.reqs[tag].ops += 1;
-                        }
-                        Chunk::Error(e) => {
-                            let r = &mut self.reqs[tag];
-                            if r.err == 0 {
-                                r.err = -e;
-                            }
-                        }
-                        Chunk::None => {}
-                    }
-                    if done {
-                        self.chunks_done(ctx, ci, tag)?;
-                    }
-                }
-            }
-        }
-    }
-
-    /// The request a reply's handle names: live, sent on this connection,
-    /// not answered yet; anything else is a protocol violation.
-    fn lookup(&mut self, ci: usize, handle: u64) -> Result<usize> {
-        let tag = (handle & 0xffff) as usize;
-        let seq = handle >> 16;
-        let ok = seq <= 0xffff && self.reqs.get(tag).is_some_and(|r| r.live && r.conn == Some(ci) && r.wire && r.seq as u64 == seq && r.result.is_none());
-        if !ok {
-            return Err(proto::violation(format!("a reply for handle {handle:#x}, which names no request in flight on this connection")));
-        }
-        self.culprit = Some(tag);
-        Ok(tag)
-    }
-
-    fn consume(&mut self, ci: usize, n: usize) {
-        let c = &mut self.conns[ci];
-        c.rx.copy_within(n..c.rx_have, 0);
-        c.rx_have -= n;
-    }
-
-    fn start_payload(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize, off: u32, len: u32, done: bool) -> Result<()> {
-        let fd = self.conns[ci].raw();
-        ctx.lease(tag as u16).recv(fd, off..off + len, ud(K_RXDATA, ci))?;
-        let c = &mut self.conns[ci];
-        c.ops += 1;
-        c.rx_busy = true;
-        c.rx_payload = Some((tag as u16, done));
-        self.reqs[tag].ops += 1;
-        Ok(())
-    }
-
-    /// The last chunk of a reply arrived (and its payload, if any).
-    fn chunks_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize) -> Result<()> {
-        let r = &self.reqs[tag];
-        if r.err == 0 && r.read && r.cov.bytes != r.len as u64 {
-            return Err(proto::violation(format!("the reply to a {}-byte READ ended after {} bytes", r.len, r.cov.bytes)));
-        }
-        self.reply_done(ctx, ci, tag);
-        Ok(())
-    }
-
-    fn reply_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize) {
-        let r = &mut self.reqs[tag];
-        r.wire = false;
-        r.conn = None;
-        r.result = Some(if r.err < 0 { r.err } else if r.has_data { r.len as i32 } else { 0 });
-        let c = &mut self.conns[ci];
-        c.on_wire -= 1;
-        c.reads_on_wire -= r.read as u32;
-        self.settle(ctx, tag);
-    }
-
-    fn rx_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, res: i32) {
-        let c = &mut self.conns[ci];
-        c.ops -= 1;
-        c.rx_busy = false;
-        if c.state != State::Up {
-            return self.conn_settle(ctx, ci);
-        }
-        if res <= 0 {
-            let e = if res == 0 { Error::new(libc::ECONNRESET, "the server closed the connection") } else { Error::new(-res, "receiving a reply") };
-            return self.conn_fail(ctx, ci, e, None);
-        }
-        c.rx_have += res as usize;
-    }
-
-    fn rxdata_done(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: u16, res: i32) {
-        let c = &mut self.conns[ci];
-        c.ops -= 1;
-        c.rx_busy = false;
-        let payload = c.rx_payload.take();
-        self.reqs[tag as usize].ops -= 1;
-        if c.state != State::Up {
-            self.conn_settle(ctx, ci);
-            return self.settle(ctx, tag as usize);
-        }
-        if res < 0 {
-            self.conn_fail(ctx, ci, Error::new(-res, "receiving read data"), None);
-            return self.settle(ctx, tag as usize);
-        }
-        if let Some((t, true)) = payload {
-            // cannot fail: coverage was checked when the chunk came
-            if let Err(e) = self.chunks_done(ctx, ci, t as usize) {
-                self.conn_fail(ctx, ci, e, Some(t as usize));
-            }
-        }
-        self.settle(ctx, tag as usize);
-    }
-
     /// The device is going away: say goodbye, shut every socket down so
     /// that the standing receives end, and stop reconnecting.
     fn stop_all(&mut self) {
@@ -810,6 +485,7 @@ impl Target for NbdQueue {
         match data >> 24 {
             K_TX => self.tx_done(ctx, ci, res),
             K_RX => self.rx_done(ctx, ci, res),
+            K_PAYWAIT => self.paywait_done(ctx, ci, res),
             K_TICK => {
                 self.tick_armed = false;
                 if !self.stopped {

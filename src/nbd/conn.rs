@@ -75,6 +75,29 @@ pub fn say_goodbye(fd: RawFd) {
     unsafe { libc::send(fd, b.as_ptr() as *const libc::c_void, b.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
 }
 
+/// Bytes waiting in a socket's receive queue (0 when it cannot tell).
+pub fn readable_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let r = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+    if r < 0 || n < 0 {
+        0
+    } else {
+        n as usize
+    }
+}
+
+/// Sets SO_RCVLOWAT: poll reports the socket readable once `n` bytes wait.
+pub fn set_rcvlowat(fd: RawFd, n: u32) -> Result<()> {
+    let v = n.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: passes one int by pointer with its size.
+    let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &v as *const libc::c_int as *const libc::c_void, std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    if r < 0 {
+        return Err(Error::last_os("setsockopt SO_RCVLOWAT"));
+    }
+    Ok(())
+}
+
 /// Connects, negotiates and leaves at once: what a device is made from.
 pub fn probe(ep: &Endpoint, timeout: Duration) -> Result<Export> {
     let (fd, exp) = connect(ep, timeout)?;
