@@ -109,9 +109,8 @@ pub(crate) struct Conn {
     /// A large payload whose bytes are not all in the socket yet: (tag, off,
     /// len, done). A poll waits (with SO_RCVLOWAT) until they are, so that
     /// one receive takes the whole payload instead of a piece per wakeup.
+    /// SO_RCVLOWAT is raised on the socket while it is Some.
     rx_wait: Option<(u16, u32, u32, bool)>,
-    /// SO_RCVLOWAT is raised on the socket (for `rx_wait`).
-    lowat: bool,
 }
 
 impl Conn {
@@ -136,7 +135,6 @@ impl Conn {
             rx_busy: false,
             rx_payload: None,
             rx_wait: None,
-            lowat: false,
         }
     }
 
@@ -376,7 +374,6 @@ impl NbdQueue {
         c.rx_busy = false;
         c.rx_payload = None;
         c.rx_wait = None;
-        c.lowat = false;
         c.tx_busy = false;
         let payload = c.tx_payload.take();
         if !self.stopped {

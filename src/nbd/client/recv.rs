@@ -150,27 +150,29 @@ impl NbdQueue {
     }
 
     pub(super) fn start_payload(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: usize, off: u32, len: u32, done: bool) -> Result<()> {
-        let c = &mut self.conns[ci];
-        let fd = c.raw();
-        if len > PAYWAIT_MIN && conn::readable_bytes(fd) < len as usize {
-            let want = len.min(PAYWAIT_MAX);
-            if conn::set_rcvlowat(fd, want).is_ok() {
-                c.lowat = true;
-                let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
-                // SAFETY: a poll on the connection's socket, no buffer.
-                unsafe { ctx.submit(e, 0, ud(K_PAYWAIT, ci)) }?;
-                c.ops += 1;
-                c.rx_busy = true;
-                c.rx_wait = Some((tag as u16, off, len, done));
-                return Ok(());
-            }
+        let fd = self.conns[ci].raw();
+        if len > PAYWAIT_MIN && conn::readable_bytes(fd) < len as usize && conn::set_rcvlowat(fd, len.min(PAYWAIT_MAX)).is_ok() {
+            let e = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32).build();
+            // SAFETY: a poll on the connection's socket, no buffer.
+            unsafe { ctx.submit(e, 0, ud(K_PAYWAIT, ci)) }?;
+            let c = &mut self.conns[ci];
+            c.ops += 1;
+            c.rx_busy = true;
+            c.rx_wait = Some((tag as u16, off, len, done));
+            return Ok(());
         }
-        ctx.lease(tag as u16).recv(fd, off..off + len, ud(K_RXDATA, ci))?;
+        self.recv_payload(ctx, ci, tag as u16, off, len, done)
+    }
+
+    /// Receives a payload into `tag`'s buffer at `off` through its lease.
+    fn recv_payload(&mut self, ctx: &mut QueueCtx<'_>, ci: usize, tag: u16, off: u32, len: u32, done: bool) -> Result<()> {
+        let fd = self.conns[ci].raw();
+        ctx.lease(tag).recv(fd, off..off + len, ud(K_RXDATA, ci))?;
         let c = &mut self.conns[ci];
         c.ops += 1;
         c.rx_busy = true;
-        c.rx_payload = Some((tag as u16, done));
-        self.reqs[tag].ops += 1;
+        c.rx_payload = Some((tag, done));
+        self.reqs[tag as usize].ops += 1;
         Ok(())
     }
 
@@ -180,26 +182,19 @@ impl NbdQueue {
         c.ops -= 1;
         c.rx_busy = false;
         let wait = c.rx_wait.take();
-        if c.lowat {
-            c.lowat = false;
-            let _ = conn::set_rcvlowat(c.raw(), 1);
-        }
         if c.state != State::Up {
             return self.conn_settle(ctx, ci);
+        }
+        if wait.is_some() {
+            let _ = conn::set_rcvlowat(c.raw(), 1);
         }
         if res < 0 {
             return self.conn_fail(ctx, ci, Error::new(-res, "waiting for read data"), None);
         }
         let Some((tag, off, len, done)) = wait else { return };
-        let fd = c.raw();
-        if let Err(e) = ctx.lease(tag).recv(fd, off..off + len, ud(K_RXDATA, ci)) {
-            return self.conn_fail(ctx, ci, e.context("receiving read data"), Some(tag as usize));
+        if let Err(e) = self.recv_payload(ctx, ci, tag, off, len, done) {
+            self.conn_fail(ctx, ci, e.context("receiving read data"), Some(tag as usize));
         }
-        let c = &mut self.conns[ci];
-        c.ops += 1;
-        c.rx_busy = true;
-        c.rx_payload = Some((tag, done));
-        self.reqs[tag as usize].ops += 1;
     }
 
     /// The last chunk of a reply arrived (and its payload, if any).
