@@ -8,6 +8,7 @@ import "C"
 
 import (
 	"context"
+	"strings"
 	"time"
 	"unsafe"
 )
@@ -63,10 +64,8 @@ func NewNBD(cfg Config, nbd NBDConfig) (*Device, error) {
 		n.timeout_ms = C.uint32_t(nbd.Timeout / time.Millisecond)
 	}
 	for _, s := range []struct{ name, v string }{{"Host", nbd.Host}, {"Export", nbd.Export}} {
-		for i := 0; i < len(s.v); i++ {
-			if s.v[i] == 0 {
-				return nil, invalid("NBDConfig.%s %q: contains a NUL byte", s.name, s.v)
-			}
+		if strings.IndexByte(s.v, 0) >= 0 {
+			return nil, invalid("NBDConfig.%s %q: contains a NUL byte", s.name, s.v)
 		}
 	}
 	n.host = C.CString(nbd.Host)

@@ -35,6 +35,21 @@ _RECOVERY = {
 _RECOVERY_NAMES = {v: k for k, v in _RECOVERY.items()}
 
 
+def _choices(zero_copy: str, dev_id: Optional[int], recovery: str, affinity: str) -> dict[str, int]:
+    """Checks the named choices every device takes; gives them as
+    ublk_dev_config field values."""
+    if zero_copy not in _MODES:
+        raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
+    if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
+        raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+    if not isinstance(recovery, str) or recovery not in _RECOVERY:
+        raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
+    if affinity not in _AFFINITY:
+        raise ValueError(f"affinity must be one of {', '.join(_AFFINITY)}, got {affinity!r}")
+    return {"data_mode": _MODES[zero_copy], "dev_id": -1 if dev_id is None else dev_id,
+            "recovery": _RECOVERY[recovery], "cpu_affinity": _AFFINITY[affinity]}
+
+
 def _c_string(what: str, value: Optional[str]) -> Optional[bytes]:
     """A str argument as the NUL-terminated bytes C wants (None stays None)."""
     if value is None:
@@ -311,14 +326,7 @@ class Device:
             raise ValueError(f"size {size} is not a multiple of the logical block size {logical_block_size}")
         if not 1 <= queues <= 4096 or not 1 <= depth <= 4096:
             raise ValueError(f"queues ({queues}) and depth ({depth}) must be 1..4096")
-        if zero_copy not in _MODES:
-            raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
-        if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
-            raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
-        if not isinstance(recovery, str) or recovery not in _RECOVERY:
-            raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
-        if affinity not in _AFFINITY:
-            raise ValueError(f"affinity must be one of {', '.join(_AFFINITY)}, got {affinity!r}")
+        choices = _choices(zero_copy, dev_id, recovery, affinity)
         args = _c_string("target_args", target_args)
         if needs_buffer is None:
             needs_buffer = bool(simple & {"read", "write"}) and not has_handle
@@ -337,13 +345,11 @@ class Device:
         if discard is None:
             discard = bool(simple & {"discard", "write_zeroes"})
         cfg.discard = int(discard)
-        cfg.data_mode = _MODES[zero_copy]
         cfg.needs_buffer = int(needs_buffer)
-        cfg.dev_id = -1 if dev_id is None else dev_id
         cfg.target_name = _c_string("name", name)
-        cfg.recovery = _RECOVERY[recovery]
         cfg.target_args = args
-        cfg.cpu_affinity = _AFFINITY[affinity]
+        for k, v in choices.items():
+            setattr(cfg, k, v)
         _check(lib.ublk_dev_new(ctypes.byref(cfg), ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
                "ublk_dev_new")
         self._load_info()
@@ -413,24 +419,15 @@ class Device:
                 raise ValueError(f"{k} must be an int in {lo}..{hi}, got {v!r}")
         if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 1 <= timeout <= 86400:
             raise ValueError(f"timeout must be 1..86400 seconds, got {timeout!r}")
-        if zero_copy not in _MODES:
-            raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
-        if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
-            raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
-        if not isinstance(recovery, str) or recovery not in _RECOVERY:
-            raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
-        if affinity not in _AFFINITY:
-            raise ValueError(f"affinity must be one of {', '.join(_AFFINITY)}, got {affinity!r}")
+        choices = _choices(zero_copy, dev_id, recovery, affinity)
         lib = L.lib()
         cfg = L.ublk_dev_config()
         _check(lib.ublk_dev_config_init(ctypes.byref(cfg)), "ublk_dev_config_init")
         cfg.size = 0
         cfg.nr_queues = queues
         cfg.queue_depth = depth
-        cfg.data_mode = _MODES[zero_copy]
-        cfg.dev_id = -1 if dev_id is None else dev_id
-        cfg.recovery = _RECOVERY[recovery]
-        cfg.cpu_affinity = _AFFINITY[affinity]
+        for k, v in choices.items():
+            setattr(cfg, k, v)
         n = L.ublk_nbd_config()
         _check(lib.ublk_nbd_config_init(ctypes.byref(n)), "ublk_nbd_config_init")
         n.host = _c_string("host", host)
@@ -440,19 +437,25 @@ class Device:
         n.timeout_ms = int(timeout * 1000)
         self = cls.__new__(cls)
         self._dev = ctypes.c_void_p()
-        self._target = None
-        self._handle = None
-        self._methods = {}
-        self._pending = {}
-        self._keys = itertools.count(1)
-        self._lock = threading.Lock()
-        self._started = False
+        self._init_state(None, None, {})
         self._batcher = None
-        self._max_io = 0
         _check(lib.ublk_nbd_dev_new(ctypes.byref(cfg), ctypes.byref(n), ctypes.byref(self._dev)),
                f"nbd device for {host}:{port}")
         self._load_info()
         return self
+
+    def _init_state(self, target: Any, handle: Optional[Callable], methods: dict[str, Callable]) -> None:
+        """The per-device state every constructor sets (target None: a
+        built-in target such as Device.nbd, which calls into Python never)."""
+        self._target = target
+        self._handle = handle
+        self._methods = methods
+        self._pending: dict[int, tuple[Io, Callable]] = {}
+        self._keys = itertools.count(1)
+        self._lock = threading.Lock()
+        self._started = False
+        self._get_desc = L.lib().ublk_io_get_desc
+        self._max_io = 0  # set by _load_info
 
     def _setup(self, target: Any) -> tuple[bool, set[str]]:
         """What `Device(...)` and `Device.recover` share: the target's kind
@@ -462,15 +465,7 @@ class Device:
         if not has_handle and not simple:
             raise TypeError(f"target {type(target).__name__!r} has neither handle(io) nor any of "
                             f"{', '.join(_SIMPLE)}: it cannot serve a device")
-        self._target = target
-        self._handle = target.handle if has_handle else None
-        self._methods = {m: getattr(target, m) for m in simple}
-        self._pending: dict[int, tuple[Io, Callable]] = {}
-        self._keys = itertools.count(1)
-        self._lock = threading.Lock()
-        self._started = False
-        self._get_desc = L.lib().ublk_io_get_desc
-        self._max_io = 0  # set by _load_info
+        self._init_state(target, target.handle if has_handle else None, {m: getattr(target, m) for m in simple})
         # the C side calls these: they must live as long as the device
         self._handle_cb = L.HANDLE_IO(self._on_io)
         self._backing_cb = L.BACKING_CB(self._on_backing)

@@ -40,12 +40,14 @@ impl NbdQueue {
                 c.rx_have += n as usize;
                 continue;
             }
-            let err = if n == 0 { libc::ECONNRESET } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
-            match err {
-                libc::EINTR => continue,
-                libc::EAGAIN => {}
-                libc::ECONNRESET if n == 0 => return self.conn_fail(ctx, ci, Error::new(libc::ECONNRESET, "the server closed the connection"), None),
-                e => return self.conn_fail(ctx, ci, Error::new(e, "receiving a reply"), None),
+            if n == 0 {
+                return self.conn_fail(ctx, ci, Error::new(libc::ECONNRESET, "the server closed the connection"), None);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => {}
+                _ => return self.conn_fail(ctx, ci, Error::from_io(e, "receiving a reply"), None),
             }
             let e = opcode::Recv::new(types::Fd(c.raw()), p, ask as u32).build();
             // SAFETY: the buffer is this connection's and outlives the operation.

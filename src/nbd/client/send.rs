@@ -61,11 +61,14 @@ impl NbdQueue {
                 c.tx_done += n as usize;
                 continue;
             }
-            let err = if n == 0 { libc::EPIPE } else { std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO) };
-            match err {
-                libc::EINTR => continue,
-                libc::EAGAIN => break,
-                e => return Err(Error::new(e, "sending request headers")),
+            if n == 0 {
+                return Err(Error::new(libc::EPIPE, "sending request headers"));
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EAGAIN) => break,
+                _ => return Err(Error::from_io(e, "sending request headers")),
             }
         }
         if c.tx_done == c.tx_len {
