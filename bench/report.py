@@ -296,9 +296,11 @@ def write_md(path, rows, meta, png_name):
                  "includes first-touch page faults" % meta["ram_fill"])
     if any(r["engine"] == "libublk-c" for r in rows):
         L.append("- C examples (engine `libublk-c`, through libublk.so's C ABI, copy mode): "
-                 "`c-null -s 1G`, `c-loop -f <the same file>`, `c-ramdisk -s 1G` (completes "
-                 "inside the callback), `c-threadpool -s 1G -t 2` (completes from 2 worker "
-                 "threads), all `-q 1 -d 64`; each is measured in the same group as the Rust "
+                 "`c-null -s 1G`, `c-loop -f <the same file>`, `c-ramdisk -s 1G -b` (completes "
+                 "inside the callback), `c-threadpool -s 1G -t 2 -b` (completes from 2 worker "
+                 "threads), all `-q 1 -d 64`; `-b`: both take the requests of each pass over the "
+                 "queue ring in one `handle_batch` call (the ramdisk serves them there, the "
+                 "threadpool queues them for its workers with one lock and one wake-up); each is measured in the same group as the Rust "
                  "target it is compared with")
     if meta.get("grouping"):
         L.append("- grouping: %s (all runs: `samples` in results.json)" % meta["grouping"])
@@ -416,8 +418,8 @@ def write_md(path, rows, meta, png_name):
     L.append("|---|---|---|" + "---:|" * len(cols))
     tnames = {("kernel", "null"): "null (null_blk)", ("kernel", "loop"): "loop (losetup, dio)",
               ("libublk-c", "null"): "null (c-null)", ("libublk-c", "loop"): "loop (c-loop)",
-              ("libublk-c", "ramdisk"): "ramdisk (c-ramdisk, inline)",
-              ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2)",
+              ("libublk-c", "ramdisk"): "ramdisk (c-ramdisk -b, inline)",
+              ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2 -b)",
               RUBLK_ZC: "loop-zc (-z)", ("kernel", "nbd"): "nbd (nbd-client)"}
     modes = row_modes(rows)
     for engine, target, _ in series_in(rows):

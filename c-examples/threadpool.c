@@ -1,7 +1,9 @@
 /* A RAM disk whose requests are completed by a pool of worker threads: the
  * pattern of embedding a ublk front end into a server with its own threads.
  * handle_io only queues the request; a worker copies the data and calls
- * ublk_io_complete() from its own thread. */
+ * ublk_io_complete() from its own thread. With -b, handle_batch queues the
+ * requests of a whole pass over the queue ring under one lock and wakes the
+ * workers once; each worker takes its share of the queue at a time. */
 #include "common.h"
 #include <pthread.h>
 #include <sys/mman.h>
@@ -29,6 +31,22 @@ static void handle_io(void *user, ublk_io *io)
     pthread_mutex_unlock(&p->lock);
 }
 
+/* -b: one lock and one wake-up for the whole batch instead of one per request. */
+static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
+{
+    struct pool *p = user;
+
+    pthread_mutex_lock(&p->lock);
+    for (uint32_t i = 0; i < n; i++)
+        p->ring[(p->head + p->count + i) % p->cap] = e[i].io;
+    p->count += n;
+    if (n > 1)
+        pthread_cond_broadcast(&p->cond);
+    else
+        pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+}
+
 static void serve_one(struct pool *p, ublk_io *io)
 {
     uint64_t off = ublk_io_offset(io);
@@ -52,21 +70,33 @@ static void *worker(void *arg)
 {
     struct pool *p = arg;
 
+    ublk_io **mine = calloc(p->cap, sizeof(*mine));
+
+    if (!mine) {
+        perror("threadpool: worker");
+        return NULL;
+    }
     for (;;) {
-        ublk_io *io;
+        size_t n, i;
 
         pthread_mutex_lock(&p->lock);
         while (!p->count && !p->stop)
             pthread_cond_wait(&p->cond, &p->lock);
         if (!p->count) {
             pthread_mutex_unlock(&p->lock);
+            free(mine);
             return NULL;
         }
-        io = p->ring[p->head];
-        p->head = (p->head + 1) % p->cap;
-        p->count--;
+        /* this worker's share: the others take the rest */
+        n = (p->count + p->nthreads - 1) / p->nthreads;
+        for (i = 0; i < n; i++) {
+            mine[i] = p->ring[p->head];
+            p->head = (p->head + 1) % p->cap;
+        }
+        p->count -= n;
         pthread_mutex_unlock(&p->lock);
-        serve_one(p, io);
+        for (i = 0; i < n; i++)
+            serve_one(p, mine[i]);
     }
 }
 
@@ -94,6 +124,14 @@ int main(int argc, char **argv)
     int i, r;
 
     example_parse(argc, argv, &o);
+    if (o.threads < 1) {
+        fprintf(stderr, "threadpool: -t %d: want at least one worker thread\n", o.threads);
+        return 2;
+    }
+    if (o.batch) {
+        ops.handle_io = NULL;
+        ops.handle_batch = handle_batch;
+    }
     p.size = o.size;
     p.mem = mmap(NULL, p.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     /* small pages: random first writes would otherwise zero whole huge pages */
@@ -106,13 +144,18 @@ int main(int argc, char **argv)
         perror("threadpool");
         return 1;
     }
-    for (i = 0; i < o.threads; i++)
-        pthread_create(&tids[i], NULL, worker, &p);
+    p.nthreads = o.threads;
+    for (i = 0; i < o.threads; i++) {
+        int e = pthread_create(&tids[i], NULL, worker, &p);
+        if (e) { /* no device yet: nothing to undo but the process */
+            fprintf(stderr, "threadpool: worker %d: %s\n", i, strerror(e));
+            return 1;
+        }
+    }
 
     example_config(&cfg, &o, o.size, "c-threadpool");
     cfg.needs_buffer = 1; /* workers copy through ublk_io_buf() */
     p.tids = tids;
-    p.nthreads = o.threads;
     r = example_run("threadpool", &cfg, &ops, &p, stop_workers);
     free(tids);
     free(p.ring);
