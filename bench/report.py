@@ -365,9 +365,8 @@ def write_md(path, rows, meta, png_name):
              "would give about 0.5). The loop is our CLI's (`libublk loop`, Rust); C loop "
              "vs libublk loop is in the C examples table.")
     L.append("")
-    L.append("The goal rows (`-lat`) run on latency-bound backing: null_blk devices that "
-             "complete each IO after %s (timer mode, no data kept), the loop on one, the "
-             "mirror's legs on two others. There the IOs in flight, not the CPU, set the "
+    L.append("The goal rows (`-lat`) run on latency-bound backing: %s (timer mode, no data "
+             "kept). There the IOs in flight, not the CPU, set the "
              "IOPS, so the ratio shows whether the legs overlap. On the tmpfs files (shown "
              "for information) each mirror write costs two memory copies against the loop's "
              "one, on the VM's %s emulated CPUs, one of which runs fio: that measures CPU "
