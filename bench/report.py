@@ -306,6 +306,8 @@ def write_md(path, rows, meta, png_name):
         L.append("- grouping: %s (all runs: `samples` in results.json)" % meta["grouping"])
     if meta.get("sessions"):
         L.append("- sessions: %s" % meta["sessions"])
+    if meta.get("server_cpus"):
+        L.append("- server CPUs: %s" % meta["server_cpus"])
     if int(meta.get("rounds", 1) or 1) > 1:
         L.append("- %d rounds over all targets; each figure is the best round (all rounds: "
                  "`samples` in results.json)" % int(meta["rounds"]))
