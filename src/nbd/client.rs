@@ -104,6 +104,12 @@ pub(crate) struct Conn {
     rx: Box<[u8]>,
     rx_have: usize,
     rx_busy: bool,
+    /// Bytes the ring receive in flight asked for.
+    rx_ask: usize,
+    /// The last ring receive got less than it asked for: the socket was
+    /// empty then, so the next receive goes to the ring directly (a
+    /// non-blocking recv(2) would most likely fail with EAGAIN).
+    rx_dry: bool,
     /// A payload being received: (tag, the chunk had the DONE flag).
     rx_payload: Option<(u16, bool)>,
     /// A large payload whose bytes are not all in the socket yet: (tag, off,
@@ -133,6 +139,8 @@ impl Conn {
             rx: vec![0u8; RX_BUF].into_boxed_slice(),
             rx_have: 0,
             rx_busy: false,
+            rx_ask: 0,
+            rx_dry: false,
             rx_payload: None,
             rx_wait: None,
         }
@@ -372,6 +380,7 @@ impl NbdQueue {
         c.reg = 0;
         c.rx_have = 0;
         c.rx_busy = false;
+        c.rx_dry = false;
         c.rx_payload = None;
         c.rx_wait = None;
         c.tx_busy = false;
