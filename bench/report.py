@@ -270,8 +270,9 @@ def write_md(path, rows, meta, png_name):
               "".join(" " + a for a in meta.get("fio_args", "").split() if a.startswith("--cpus_allowed")),
               meta.get("runtime_s", "?")))
     L.append("")
-    L.append("- kernel: `%s` (VM guest, %s vCPUs, CPU: %s)" %
-             (meta.get("kernel", "?"), meta.get("cpus", "?"), meta.get("cpu_model", "?") or "?"))
+    L.append("- kernel: `%s` (VM guest, %s vCPUs, CPU: %s%s)" %
+             (meta.get("kernel", "?"), meta.get("cpus", "?"), meta.get("cpu_model", "?") or "?",
+              ", emulator: %s" % meta["emulator"] if meta.get("emulator") else ""))
     L.append("- date: %s" % meta.get("date", "?"))
     L.append("- libublk: commit `%s`, CLI `ublk` (`--queues 1 --depth 64`); peer: %s "
              "(`-q 1 -d 64`, copy mode: neither `-z` nor `-u`)" %

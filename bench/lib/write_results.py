@@ -47,6 +47,15 @@ try:
             cpu = l.split(":", 1)[1].strip(); break
 except OSError:
     pass
+# the emulator: the host's QEMU, visible in the guest through the shared root
+# (its TCG speed decides how much a copy costs: QEMU 10 copies far faster than 7.2)
+emulator = ""
+try:
+    import subprocess
+    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=20).stdout
+    emulator = out.splitlines()[0].replace("QEMU emulator version", "QEMU").strip() if out else ""
+except (OSError, subprocess.SubprocessError):
+    pass
 m = {
     "kernel": kernel,
     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -76,6 +85,7 @@ m = {
     "c_examples": cex,
     "cpus": int(ncpu),
     "cpu_model": cpu,
+    "emulator": emulator,
     "loop_backing": "%s MiB file on tmpfs" % file_mb,
     "mirror_stripe_files": "2 x %s MiB files on the same tmpfs: c-mirror's legs, and c-stripe's "
                            "files with -c %s" % (leg_mb, chunk),
