@@ -52,8 +52,8 @@ except OSError:
 emulator = ""
 try:
     import subprocess
-    out = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=20).stdout
-    emulator = out.splitlines()[0].replace("QEMU emulator version", "QEMU").strip() if out else ""
+    ver = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True, timeout=20).stdout
+    emulator = ver.splitlines()[0].replace("QEMU emulator version", "QEMU").strip() if ver else ""
 except (OSError, subprocess.SubprocessError):
     pass
 m = {
