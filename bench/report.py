@@ -183,6 +183,21 @@ def index(rows):
     return out
 
 
+def spread_by_size(rows):
+    """bs -> (median, 90th percentile) of (best - worst) / best over the runs of one device
+    at one point (rows with 2 or more runs in "samples"), in size order."""
+    by = {}
+    for r in rows:
+        smp = [float(x) for x in r.get("samples") or [] if float(x) > 0]
+        if len(smp) >= 2:
+            by.setdefault(r["bs"], []).append((max(smp) - min(smp)) / max(smp))
+    out = []
+    for bs in sorted(by, key=lambda b: float(b.rstrip("kKmM")) * (1024 if b[-1] in "mM" else 1)):
+        v = sorted(by[bs])
+        out.append((bs, v[len(v) // 2], v[min(len(v) - 1, int(len(v) * 0.9))], len(v)))
+    return out
+
+
 def series_in(rows):
     """SERIES entries present in the data, then any unknown (engine, target) pairs."""
     have = {(r["engine"], r["target"]) for r in rows}
@@ -316,6 +331,13 @@ def write_md(path, rows, meta, png_name):
         L.append("- host load average: %s before the run, %s (1/5/15 min) after it; the guest's "
                  "CPUs are emulated on the host's, so other work there skews the figures" %
                  (meta.get("host_loadavg_before", "?"), meta.get("host_loadavg_after", "?")))
+    spread = spread_by_size(rows)
+    if spread:
+        L.append("- run-to-run spread, (best - worst) / best over the runs of one device at one "
+                 "point, measured in this run: %s; a ratio of two figures moves by about as much, "
+                 "so goals within a few percent of 1.00 can pass or fail on noise alone" %
+                 ", ".join("median %.1f %% (90th percentile %.1f %%) at %s" % (100 * m, 100 * p, bs)
+                           for bs, m, p, _ in spread))
     L.append("")
     L.append("Absolute IOPS are emulated-CPU noise; compare only figures from the same run. "
              "The ratios below are the point.")
@@ -348,6 +370,17 @@ def write_md(path, rows, meta, png_name):
              "mirror and the C stripe; same device, same files, only `--zero-copy`/`-z` "
              "differs. Every zero-copy mode counts; 64k and the user-copy rows are shown "
              "without a goal.")
+    L.append("")
+    L.append("What bounds these ratios here: the files are on tmpfs, where the backing IO is "
+             "itself a CPU copy (into or out of the page cache). Per request, copy mode copies "
+             "its data twice for the loop and the stripe (request ↔ server buffer, buffer ↔ "
+             "tmpfs) and zero copy once; the mirror's writes copy three times (into the buffer, "
+             "then once per leg) against twice, its reads (one leg) twice against once. So where "
+             "copying is most of the cost (512k) and both kinds of copy cost the same, zero copy "
+             "gains about 2× for the loop, the stripe and the mirror's reads, but only about "
+             "1.5× for the mirror's writes (under QEMU 7.2's TCG the server's copy cost far more "
+             "than the page cache's, and 3-5× were measured); on a device that moves data by "
+             "DMA, the server's copy is the only CPU copy there is.")
     L.append("")
     zmet, zwant = ratio_table(L, idx, cols, ZC_RATIOS + ZC_INFO, goal_col=True)
 
