@@ -184,8 +184,8 @@ def index(rows):
 
 
 def spread_by_size(rows):
-    """bs -> (median, 90th percentile) of (best - worst) / best over the runs of one device
-    at one point (rows with 2 or more runs in "samples"), in size order."""
+    """[(bs, median, 90th percentile, count)] in size order: the spread (best - worst) / best
+    over the runs of one device at one point (rows with 2 or more runs in "samples")."""
     by = {}
     for r in rows:
         smp = [float(x) for x in r.get("samples") or [] if float(x) > 0]
