@@ -453,7 +453,9 @@ def write_md(path, rows, meta, png_name):
              "near 1 are what to expect; a margin like 1.30 would need the kernel's client to "
              "do work per byte that it does not do. Measured in the VM (8 s runs, CPU time per "
              "thread from /proc): at 512k randread QD4 qemu-nbd used 79-86 % of a CPU, the "
-             "kernel's receiving kworker 22-26 %, our queue thread 25-34 %.")
+             "kernel's receiving kworker 22-26 %, our queue thread 25-34 %. At 4k and 64k "
+             "the cost per request decides instead, and there our client spends more CPU per "
+             "request than the kernel's (about 30 % more at 4k randread QD64, same method).")
     L.append("")
     nmet, nwant = ratio_table(L, idx, cols, NBD_RATIOS, goal_col=True)
 
