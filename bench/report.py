@@ -445,8 +445,8 @@ def write_md(path, rows, meta, png_name):
     L.append("")
     L.append("What bounds these ratios here: the kernel's NBD client is zero copy too. It "
              "receives each READ payload from the socket straight into the request's pages "
-             "and sends each WRITE payload from them, as our leases do (a fixed-buffer read or "
-             "send on the socket, no server buffer); on both sides the only copy of the data "
+             "and sends each WRITE payload from them, as our leases do (a fixed-buffer read or write "
+             "on the socket, no server buffer); on both sides the only copy of the data "
              "is the socket's own, into or out of its buffers. So at 512k, where copying is "
              "most of the cost, both clients do the same data work against the same server "
              "(qemu-nbd copies each payload twice: file ↔ its buffer ↔ socket), and ratios "
