@@ -3,7 +3,7 @@ counters (tab-separated files) into bench/results.json (one row a line) and
 bench/results-meta.json.  Arguments: see the unpacking of sys.argv below."""
 import datetime, json, os, sys
 (rows_f, fails_f, out, meta, runtime, kernel, fio, rublk, commit, ncpu, file_mb, repeat, reps, ublk, cex,
- counters_f, leg_mb, chunk, rublk_zc, lat_us, fio_cpu, srv_cpus) = sys.argv[1:]
+ counters_f, leg_mb, chunk, rublk_zc, lat_us, fio_cpu, srv_cpus, sched, scheds_f) = sys.argv[1:]
 rows, by_key = [], {}
 for line in open(rows_f):
     engine, target, mode, rw, bs, qd, iops = line.rstrip("\n").split("\t")
@@ -100,6 +100,15 @@ m = {
                 "--norandommap --randrepeat=0 "
                 + ("--cpus_allowed=%s (not in the nbd group: see server_cpus)" % fio_cpu
                    if fio_cpu else "(fio not pinned)"),
+    "io_scheduler": {
+        "setting": sched,
+        "note": ("every measured device's queue/scheduler set to %s (BENCH_SCHED), whatever "
+                 "the kernel gave it" % sched if sched != "kernel" else
+                 "each device keeps the scheduler the kernel gave it (BENCH_SCHED=kernel)"),
+        # engine/target -> [the kernel's choice, the one measured] (last round)
+        "devices": {et: [was, now] for et, was, now in
+                    (l.rstrip("\n").split("\t") for l in open(scheds_f) if l.strip())},
+    },
     "failed": [l.rstrip("\n") for l in open(fails_f) if l.strip()],
     "io_counters_note": "from each of our servers' stop line (summed over its six fio runs, "
                         "udev's probe reads and the RAM disks' fill pass, and over the rounds): "
