@@ -61,6 +61,21 @@ MATRIX = ["loop", "mirror", "stripe"]
 RUBLK_ZC = ("rublk", "loop-zc")
 
 
+
+def scheduler_choices(devices):
+    """'; the kernel's own choice: ...' from {engine/target: [kernel's, measured]}:
+    the most common scheduler in a word, the others by device."""
+    if not devices:
+        return ""
+    by = {}
+    for et, wn in sorted(devices.items()):
+        by.setdefault(wn[0], []).append(et)
+    common = max(by, key=lambda k: len(by[k]))
+    rest = ["%s for %s" % (k, ", ".join(v)) for k, v in sorted(by.items()) if k != common]
+    if not rest:
+        return "; the kernel's own choice: %s for every device" % common
+    return "; the kernel's own choice: %s, %s for the other %d devices" % ("; ".join(rest), common, len(by[common]))
+
 def mode_key(base, mode):
     """(engine, target) of our `base` device (loop, mirror, stripe; loop-lat and
     mirror-lat: on the latency-bound null_blk devices) in data mode `mode`."""
@@ -320,9 +335,8 @@ def write_md(path, rows, meta, png_name):
                  "target it is compared with")
     sch = meta.get("io_scheduler") or {}
     if sch:
-        kern = sorted({"%s: %s" % (et, wn[0]) for et, wn in (sch.get("devices") or {}).items()})
         L.append("- I/O scheduler: %s%s" % (sch.get("note", sch.get("setting", "?")),
-                 "; the kernel's own choice per device: %s" % ", ".join(kern) if kern else ""))
+                                            scheduler_choices(sch.get("devices") or {})))
     if meta.get("grouping"):
         L.append("- grouping: %s (all runs: `samples` in results.json)" % meta["grouping"])
     if meta.get("sessions"):
