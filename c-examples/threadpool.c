@@ -1,7 +1,8 @@
 /* A RAM disk whose requests are completed by a pool of worker threads: the
  * pattern of embedding a ublk front end into a server with its own threads.
- * handle_io only queues the request; a worker copies the data and calls
- * ublk_io_complete() from its own thread. With -b, handle_batch queues the
+ * handle_io only queues the request; a worker copies the data and completes
+ * its share of the queue with one ublk_io_complete_batch() call from its own
+ * thread (one wake-up of the queue thread per share). With -b, handle_batch queues the
  * requests of a whole pass over the queue ring under one lock and wakes the
  * workers once; each worker takes its share of the queue at a time. */
 #include "common.h"
@@ -47,23 +48,19 @@ static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
     pthread_mutex_unlock(&p->lock);
 }
 
-static void serve_one(struct pool *p, ublk_io *io)
+/* Serves one request; gives its result (bytes done or a negative errno). */
+static int serve_one(struct pool *p, ublk_io *io)
 {
     uint64_t off = ublk_io_offset(io);
     uint32_t len = ublk_io_len(io);
-    int res = 0;
 
     if (off + len > p->size)
-        res = -EIO;
-    else if (ublk_io_op(io) == UBLK_OP_READ)
-        memcpy(ublk_io_buf(io), p->mem + off, len), res = (int)len;
-    else if (ublk_io_op(io) == UBLK_OP_WRITE)
-        memcpy(p->mem + off, ublk_io_buf(io), len), res = (int)len;
-    else if (ublk_io_op(io) != UBLK_OP_FLUSH)
-        res = -EOPNOTSUPP;
-    res = ublk_io_complete(io, res);
-    if (res < 0) /* -ESHUTDOWN once the device stopped: expected at exit */
-        fprintf(stderr, "threadpool: complete: %s\n", ublk_strerror(res));
+        return -EIO;
+    if (ublk_io_op(io) == UBLK_OP_READ)
+        return memcpy(ublk_io_buf(io), p->mem + off, len), (int)len;
+    if (ublk_io_op(io) == UBLK_OP_WRITE)
+        return memcpy(p->mem + off, ublk_io_buf(io), len), (int)len;
+    return ublk_io_op(io) == UBLK_OP_FLUSH ? 0 : -EOPNOTSUPP;
 }
 
 static void *worker(void *arg)
@@ -71,9 +68,11 @@ static void *worker(void *arg)
     struct pool *p = arg;
 
     ublk_io **mine = calloc(p->cap, sizeof(*mine));
+    int *res = calloc(p->cap, sizeof(*res)), *status = calloc(p->cap, sizeof(*status));
 
-    if (!mine) {
+    if (!mine || !res || !status) {
         perror("threadpool: worker");
+        free(mine), free(res), free(status);
         return NULL;
     }
     for (;;) {
@@ -84,7 +83,7 @@ static void *worker(void *arg)
             pthread_cond_wait(&p->cond, &p->lock);
         if (!p->count) {
             pthread_mutex_unlock(&p->lock);
-            free(mine);
+            free(mine), free(res), free(status);
             return NULL;
         }
         /* this worker's share: the others take the rest */
@@ -96,7 +95,12 @@ static void *worker(void *arg)
         p->count -= n;
         pthread_mutex_unlock(&p->lock);
         for (i = 0; i < n; i++)
-            serve_one(p, mine[i]);
+            res[i] = serve_one(p, mine[i]);
+        /* one wake-up of the queue thread for the whole share */
+        if (ublk_io_complete_batch(mine, res, n, status) < 0)
+            for (i = 0; i < n; i++)
+                if (status[i] < 0) /* -ESHUTDOWN once the device stopped: expected at exit */
+                    fprintf(stderr, "threadpool: complete: %s\n", ublk_strerror(status[i]));
     }
 }
 

@@ -603,6 +603,21 @@ int ublk_dev_queue_stats(const struct ublk_dev *dev,
 int ublk_io_complete(struct ublk_io *io, int result);
 
 /**
+ * Completes `n` requests, `ios[i]` with `results[i]`, as `ublk_io_complete`
+ * would one by one, but wakes each queue thread once, after the last one,
+ * instead of after the first: for a worker thread that finishes several
+ * requests at a time (a queue thread woken by the first completion would
+ * otherwise take it alone, then wait to be woken again for the rest).
+ * `ios` and `results` point to `n` entries each, borrowed for the call.
+ * `status`: NULL, or `n` ints that get each request's own
+ * `ublk_io_complete` result (0 or a negative errno). Every entry is tried
+ * whatever the others give. Returns 0 when all were completed, else the
+ * error of the first entry that failed; -EINVAL for NULL arrays with `n` >
+ * 0. Any thread.
+ */
+int ublk_io_complete_batch(struct ublk_io *const *ios, const int *results, size_t n, int *status);
+
+/**
  * The op of the request: UBLK_OP_READ, _WRITE, _FLUSH, _DISCARD,
  * _WRITE_ZEROES (other kernel op numbers pass through); -EINVAL for a bad
  * handle. Any thread holding the request.

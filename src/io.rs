@@ -91,11 +91,10 @@ impl QueueShared {
     /// second completion is refused) and hands the result to the queue thread.
     /// An oversized result fails the request with EIO and is reported.
     pub(crate) fn complete_remote(&self, req: &Request, res: i32) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::new(libc::ESHUTDOWN, format!("queue {} has stopped serving", self.q_id)));
+        let (posted, report) = self.complete_remote_quiet(req, res);
+        if posted {
+            self.wake();
         }
-        let (res, report) = self.claim_result(req.op, req.len, req.tag, req.seq, res)?;
-        self.post(req.tag, res);
         report
     }
 
@@ -113,10 +112,31 @@ impl QueueShared {
 
     /// Hands a completion to the queue thread and wakes it.
     pub(crate) fn post(&self, tag: u16, res: i32) {
+        self.post_quiet(tag, res);
+        self.wake();
+    }
+
+    /// Hands a completion to the queue thread without waking it: the caller
+    /// calls `wake` once after a batch of these.
+    pub(crate) fn post_quiet(&self, tag: u16, res: i32) {
         // The receiver lives as long as the queue thread; if it is gone the
         // device is gone and the completion has nowhere to go.
         let _ = self.tx.send((tag, res));
-        self.wake();
+    }
+
+    /// `complete_remote` without the wake-up: the caller calls `wake` once
+    /// after a batch of these if any was posted (the first value).
+    pub(crate) fn complete_remote_quiet(&self, req: &Request, res: i32) -> (bool, Result<()>) {
+        if self.closed.load(Ordering::Acquire) {
+            return (false, Err(Error::new(libc::ESHUTDOWN, format!("queue {} has stopped serving", self.q_id))));
+        }
+        match self.claim_result(req.op, req.len, req.tag, req.seq, res) {
+            Ok((res, report)) => {
+                self.post_quiet(req.tag, res);
+                (true, report)
+            }
+            Err(e) => (false, Err(e)),
+        }
     }
 
     /// Wakes the queue thread (its eventfd read on the ring completes).

@@ -175,6 +175,7 @@ FUNCTIONS = {
     "ublk_dev_get_info": (c_int, [_dev, POINTER(ublk_dev_info)]),
     "ublk_dev_queue_stats": (c_int, [_dev, c_uint16, POINTER(ublk_queue_stats)]),
     "ublk_io_complete": (c_int, [_io, c_int]),
+    "ublk_io_complete_batch": (c_int, [POINTER(_io), POINTER(c_int), c_size_t, POINTER(c_int)]),
     "ublk_io_op": (c_int, [_io]),
     "ublk_io_get_desc": (c_int, [_io, POINTER(ublk_io_desc)]),
     "ublk_io_flags": (c_uint32, [_io]),

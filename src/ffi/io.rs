@@ -120,7 +120,9 @@ fn current_ctx<'a>(q: &FfiQueue) -> Option<&'a mut QueueCtx<'static>> {
 pub(crate) struct FfiTarget {
     dev: Arc<FfiDevShared>,
     q: Arc<FfiQueue>,
-    /// The requests of this pass over the ring, for `handle_batch`.
+    /// The requests of this pass over the ring, for `handle_batch`: room for
+    /// the whole queue from the start, so the array the callback gets stays
+    /// at one address (bindings keep their views of it).
     batch: Vec<ublk_io_batch_entry>,
     /// This queue's view of the route table (`ublk_dev_map`).
     routes: super::route::QueueRoutes,
@@ -148,7 +150,8 @@ impl FfiTarget {
             }
             q.data.store(data, Ordering::Release);
         }
-        Ok(FfiTarget { dev, q, batch: Vec::new(), routes: Default::default() })
+        let batch = Vec::with_capacity(q.depth as usize);
+        Ok(FfiTarget { dev, q, batch, routes: Default::default() })
     }
 
     /// Lends a READ/WRITE request inside a mapped extent to its fd
@@ -267,6 +270,70 @@ pub(crate) fn req_of(io: &ublk_io) -> Request {
 /// failed with EIO).
 #[no_mangle]
 pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
+    let mut wake = Vec::new();
+    let r = complete_one_quiet(io, result, &mut wake);
+    for q in wake {
+        q.wake();
+    }
+    r
+}
+
+/// Completes `n` requests, `ios[i]` with `results[i]`, as `ublk_io_complete`
+/// would one by one, but wakes each queue thread once, after the last one,
+/// instead of after the first: for a worker thread that finishes several
+/// requests at a time (a queue thread woken by the first completion would
+/// otherwise take it alone, then wait to be woken again for the rest).
+/// `ios` and `results` point to `n` entries each, borrowed for the call.
+/// `status`: NULL, or `n` ints that get each request's own
+/// `ublk_io_complete` result (0 or a negative errno). Every entry is tried
+/// whatever the others give. Returns 0 when all were completed, else the
+/// error of the first entry that failed; -EINVAL for NULL arrays with `n` >
+/// 0. Any thread.
+#[no_mangle]
+pub extern "C" fn ublk_io_complete_batch(ios: *const *mut ublk_io, results: *const c_int, n: usize, status: *mut c_int) -> c_int {
+    /// Wakes the queues it holds when dropped: also if a later entry panics,
+    /// so no posted completion waits for a wake-up that never comes.
+    struct Wake(Vec<Arc<QueueShared>>);
+    impl Drop for Wake {
+        fn drop(&mut self) {
+            for q in &self.0 {
+                q.wake();
+            }
+        }
+    }
+    guard(|| {
+        if n == 0 {
+            return Ok(0);
+        }
+        if ios.is_null() || results.is_null() {
+            return Err(null_err(if ios.is_null() { "ios" } else { "results" }));
+        }
+        // SAFETY: the caller passes n entries in each array (documented); they
+        // are only read, and status only written, during this call.
+        let (ios, results) = unsafe { (std::slice::from_raw_parts(ios, n), std::slice::from_raw_parts(results, n)) };
+        let mut wake = Wake(Vec::new());
+        let mut first = Ok(0);
+        for (i, (&io, &res)) in ios.iter().zip(results).enumerate() {
+            let r = complete_one_quiet(io, res, &mut wake.0);
+            if !status.is_null() {
+                // SAFETY: status has n entries (documented).
+                unsafe { *status.add(i) = r };
+            }
+            if r < 0 && first.is_ok() {
+                first = Err(r);
+            }
+        }
+        drop(wake);
+        match first {
+            Ok(v) => Ok(v),
+            Err(r) => Ok(r), // the first error, already reported by its guard
+        }
+    })
+}
+
+/// One entry of `ublk_io_complete_batch`: its result, and the queue to wake
+/// added to `wake` when the completion was handed to another thread's queue.
+fn complete_one_quiet(io: *mut ublk_io, result: c_int, wake: &mut Vec<Arc<QueueShared>>) -> c_int {
     guard(|| {
         let io = io_ref(io)?;
         let req = req_of(io);
@@ -275,8 +342,11 @@ pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
             return Ok(0);
         }
         let shared = io.queue().shared.get().ok_or_else(|| Error::new(libc::ESTALE, "no request on this handle"))?;
-        shared.complete_remote(&req, result)?;
-        Ok(0)
+        let (posted, report) = shared.complete_remote_quiet(&req, result);
+        if posted && !wake.iter().any(|q| Arc::ptr_eq(q, shared)) {
+            wake.push(shared.clone());
+        }
+        report.map(|()| 0)
     })
 }
 

@@ -111,6 +111,16 @@ static void host_checks(void)
 
     EXPECT(ublk_io_complete(NULL, 0), -EINVAL);
     EXPECT(ublk_io_complete((ublk_io *)junk, 0), -EINVAL); /* not a handle */
+    {
+        ublk_io *ios[2] = { NULL, (ublk_io *)junk };
+        int res[2] = { 0, 0 }, st[2] = { 1, 1 };
+        EXPECT(ublk_io_complete_batch(NULL, res, 1, NULL), -EINVAL);
+        EXPECT(ublk_io_complete_batch(ios, NULL, 1, NULL), -EINVAL);
+        EXPECT(ublk_io_complete_batch(NULL, NULL, 0, NULL), 0); /* nothing to do */
+        EXPECT(ublk_io_complete_batch(ios, res, 2, st), -EINVAL);
+        EXPECT(st[0], -EINVAL);
+        EXPECT(st[1], -EINVAL);
+    }
     EXPECT(ublk_io_op(NULL), -EINVAL);
     EXPECT(ublk_io_len(NULL), 0);
     CHECK(ublk_io_buf(NULL) == NULL, "buf of NULL");
@@ -363,7 +373,17 @@ static void kernel_checks(void)
         EXPECT(s.backing, -EXDEV);
         EXPECT(s.reg_foreign, -EXDEV);
     }
-    EXPECT(ublk_io_complete(s.held, 4096), 0); /* from this (non-queue) thread */
+    {
+        /* from this (non-queue) thread, in a batch that also holds it twice
+         * and one result too large: the first completes it, the others are
+         * refused each with its own error */
+        ublk_io *ios[3] = { s.held, s.held, s.held };
+        int res[3] = { 4096, 4096, 8192 }, st[3] = { 1, 1, 1 };
+        EXPECT(ublk_io_complete_batch(ios, res, 3, st), -EALREADY);
+        EXPECT(st[0], 0);
+        EXPECT(st[1], -EALREADY);
+        EXPECT(st[2], -EALREADY);
+    }
     pthread_join(t, NULL);
     EXPECT(rd.res, 4096);
     EXPECT(ublk_io_complete(s.held, 4096), -EALREADY);
