@@ -87,6 +87,7 @@ type Device struct {
 	handle  cgo.Handle
 	serve   func(*Request)
 	async   bool
+	inline  bool // serve is the rwBackend's: it completes every request before it returns
 	onError func(error)
 	info    Info
 	path    string
@@ -254,6 +255,7 @@ func (d *Device) bind(backend any) (*rwBackend, error) {
 			rw.zero = f.WriteZeroes
 		}
 		d.serve = rw.serve
+		d.inline = true
 		return rw, nil
 	}
 	return nil, invalid("backend %T implements neither ublk.Handler nor io.ReaderAt", backend)
@@ -523,21 +525,35 @@ func (d *Device) run(r *Request) {
 	d.serve(r)
 }
 
-//export goUblkHandleIO
-func goUblkHandleIO(h C.uintptr_t, io *C.ublk_io, op C.int, flags C.uint32_t, off C.uint64_t, n C.uint32_t,
-	q C.uint16_t, tag C.uint16_t, buf unsafe.Pointer) {
+//export goUblkHandleBatch
+func goUblkHandleBatch(h C.uintptr_t, e *C.ublk_io_batch_entry, n C.uint32_t) {
 	d := cgo.Handle(h).Value().(*Device)
-	r := &Request{dev: d, io: io, op: Op(op), flags: uint32(flags), off: int64(off), n: int(n),
-		queue: int(q), tag: int(tag), buf: buf}
-	if d.async {
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
+	entries := unsafe.Slice(e, int(n)) // C memory, valid during this call
+	for i := range entries {
+		en := &entries[i]
+		r := &Request{dev: d, io: en.io, op: Op(en.desc.op), flags: uint32(en.desc.flags),
+			off: int64(en.desc.offset), n: int(en.desc.len), queue: int(en.desc.queue_id),
+			tag: int(en.desc.tag), buf: en.buf}
+		switch {
+		case d.async:
+			d.wg.Add(1)
+			go func() {
+				defer d.wg.Done()
+				d.run(r)
+			}()
+		case d.inline:
+			// the binding's own backend serves it here and now: its result
+			// goes into the entry, and the engine completes the request when
+			// this callback returns (no call into C per request)
+			r.result = &en.result
 			d.run(r)
-		}()
-		return
+			r.result = nil
+		default:
+			// a Handler may keep the request (a goroutine, a lease): it
+			// completes it with ublk_io_complete whenever it likes
+			d.run(r)
+		}
 	}
-	d.run(r)
 }
 
 // KernelFeatures returns the running kernel's UBLK_F_* bits and their names.

@@ -60,6 +60,9 @@ type Request struct {
 	tag   int
 	buf   unsafe.Pointer // C memory (copy mode) or nil
 	done  atomic.Bool    // Complete was called (or a backing op completes it)
+	// result: the batch entry's result field (C memory) while the binding's
+	// own backend serves the request inside the batch callback; nil otherwise
+	result *C.int32_t
 }
 
 func (r *Request) Op() Op          { return r.op }
@@ -99,6 +102,10 @@ func (r *Request) Complete(result int) error {
 		result = math.MaxInt32 // more than any request: refused, the request fails with EIO
 	} else if result < -4095 {
 		result = -int(syscall.EIO)
+	}
+	if r.result != nil { // inside the batch callback: the engine completes it on return
+		*r.result = C.int32_t(result)
+		return nil
 	}
 	d := r.dev
 	d.mu.RLock()
