@@ -379,6 +379,15 @@ def write_md(path, rows, meta, png_name):
              "within 20 %% of inline completion (c-threadpool / c-ramdisk ≥ 0.80, %s)." %
              (GOAL_MARK, GOAL_MARK))
     L.append("")
+    L.append("What bounds the threadpool ratio here: every server thread runs on the one CPU of "
+             "the servers' cpuset (see server CPUs), so c-threadpool's queue thread and its "
+             "workers take turns on it, and each hand-over between them is a context switch "
+             "(0.4-0.55 per IO at 4k randread QD64, measured with /proc/stat in the VM) that "
+             "c-ramdisk, completing inside the callback, does not pay. The runs before "
+             "0e09ade (the kernel's mq-deadline on every ublk device) stopped at 16-19k IOPS at "
+             "4k for every ublk server, a kblockd hop per request, and the ratio was met there; "
+             "with the I/O scheduler none the servers' own cost per request decides.")
+    L.append("")
     cmet, cwant = ratio_table(L, idx, cols, C_RATIOS, goal_col=True)
 
     L.append("## Zero copy vs copy mode")
@@ -442,6 +451,13 @@ def write_md(path, rows, meta, png_name):
              "each request in `route()` (one Python call per batch of requests), shown for what "
              "a Python call costs on these emulated CPUs.")
     L.append("")
+    L.append("The RAM disk's ratio at 4k is the cost of Python per request on these emulated "
+             "CPUs: pyublk hands each pass over the queue ring to Python in one call "
+             "(`handle_batch`), and the target's `read`/`write` copy with memoryview slices; "
+             "the Rust `mem` target does the same copy with no interpreter. Under the kernel's "
+             "mq-deadline (the runs before 0e09ade) every ublk server here stopped at 16-19k "
+             "IOPS at 4k and the ratio was about 1.0; with none the interpreter's cost shows.")
+    L.append("")
     pmet, pwant = ratio_table(L, idx, cols, PY_RATIOS, goal_col=True)
 
     L.append("## Go (bindings/go) vs Rust")
@@ -477,11 +493,13 @@ def write_md(path, rows, meta, png_name):
              "either client: with mq-deadline (what the kernel gives both single-queue devices) "
              "each of our requests also went through a kblockd worker (about 40 us of CPU per "
              "IO) and our client made 0.86-0.88 of the kernel's IOPS at 4k randread; with none "
-             "on both (as measured here: see I/O scheduler above) the client side cost about "
-             "the same per IO (same method, 4k randread QD64, CPU per IO: the kernel's "
+             "on both (as in the table below: see I/O scheduler above) the client side cost "
+             "about the same per IO (same method, 4k randread QD64, CPU per IO: the kernel's "
              "client 224 us in fio's context, where it sends, plus 120 us of kworkers; ours "
-             "107-123 us in fio plus 236-261 us in its queue thread) and ours made 1.03-1.21 "
-             "of the kernel's IOPS.")
+             "107-123 us in fio plus 236-261 us in its queue thread), and in those profiling "
+             "runs ours made 1.03-1.21 of the kernel's IOPS, in a run of the NBD group alone "
+             "0.98-1.02 at every point: at 4k and 64k the two clients are level within the "
+             "run-to-run spread, which decides each goal's mark there.")
     L.append("")
     nmet, nwant = ratio_table(L, idx, cols, NBD_RATIOS, goal_col=True)
 
