@@ -270,9 +270,8 @@ pub(crate) fn req_of(io: &ublk_io) -> Request {
 /// failed with EIO).
 #[no_mangle]
 pub extern "C" fn ublk_io_complete(io: *mut ublk_io, result: c_int) -> c_int {
-    let mut wake = Vec::new();
-    let r = complete_one_quiet(io, result, &mut wake);
-    for q in wake {
+    let (r, posted) = complete_one_quiet(io, result);
+    if let Some(q) = posted {
         q.wake();
     }
     r
@@ -312,29 +311,30 @@ pub extern "C" fn ublk_io_complete_batch(ios: *const *mut ublk_io, results: *con
         // are only read, and status only written, during this call.
         let (ios, results) = unsafe { (std::slice::from_raw_parts(ios, n), std::slice::from_raw_parts(results, n)) };
         let mut wake = Wake(Vec::new());
-        let mut first = Ok(0);
+        let mut first = 0; // the first error, already reported by its entry's guard
         for (i, (&io, &res)) in ios.iter().zip(results).enumerate() {
-            let r = complete_one_quiet(io, res, &mut wake.0);
+            let (r, posted) = complete_one_quiet(io, res);
+            if let Some(q) = posted.filter(|q| !wake.0.iter().any(|w| Arc::ptr_eq(w, q))) {
+                wake.0.push(q);
+            }
             if !status.is_null() {
                 // SAFETY: status has n entries (documented).
                 unsafe { *status.add(i) = r };
             }
-            if r < 0 && first.is_ok() {
-                first = Err(r);
+            if r < 0 && first == 0 {
+                first = r;
             }
         }
         drop(wake);
-        match first {
-            Ok(v) => Ok(v),
-            Err(r) => Ok(r), // the first error, already reported by its guard
-        }
+        Ok(first)
     })
 }
 
-/// One entry of `ublk_io_complete_batch`: its result, and the queue to wake
-/// added to `wake` when the completion was handed to another thread's queue.
-fn complete_one_quiet(io: *mut ublk_io, result: c_int, wake: &mut Vec<Arc<QueueShared>>) -> c_int {
-    guard(|| {
+/// `ublk_io_complete` without the wake-up: its result, and the queue to
+/// wake when the completion was handed to another thread's queue.
+fn complete_one_quiet(io: *mut ublk_io, result: c_int) -> (c_int, Option<Arc<QueueShared>>) {
+    let mut posted = None;
+    let r = guard(|| {
         let io = io_ref(io)?;
         let req = req_of(io);
         if let Some(ctx) = current_ctx(io.queue()) {
@@ -342,12 +342,13 @@ fn complete_one_quiet(io: *mut ublk_io, result: c_int, wake: &mut Vec<Arc<QueueS
             return Ok(0);
         }
         let shared = io.queue().shared.get().ok_or_else(|| Error::new(libc::ESTALE, "no request on this handle"))?;
-        let (posted, report) = shared.complete_remote_quiet(&req, result);
-        if posted && !wake.iter().any(|q| Arc::ptr_eq(q, shared)) {
-            wake.push(shared.clone());
+        let (sent, report) = shared.complete_remote_quiet(&req, result);
+        if sent {
+            posted = Some(shared.clone());
         }
         report.map(|()| 0)
-    })
+    });
+    (r, posted)
 }
 
 fn op_code(op: Op) -> c_int {
