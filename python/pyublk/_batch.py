@@ -59,6 +59,8 @@ class Batcher:
         self.target = target
         self.fixed: tuple[int, ...] = ()  # target.fixed_fds, read by arm() when the device starts
         self.fixed_queues: set[int] = set()
+        # only the simple methods: each batch takes _simple_batch (set by arm())
+        self.simple = False
         # (batch address, count) -> views of its bytes, int32s and uint64s
         self.batch_views: dict[tuple[int, int], tuple[memoryview, memoryview, memoryview]] = {}
         self.cb = L.HANDLE_BATCH(self.on_batch)  # kept alive with the device
@@ -67,6 +69,7 @@ class Batcher:
         """Reads the target's `fixed_fds` (at start: a target may open its
         files only after `Device.recover` told it which ones)."""
         self.fixed = tuple(getattr(self.target, "fixed_fds", None) or ())
+        self.simple = self.route is None and self.handle is None and not self.fixed
 
     def view(self, addr: int, length: int) -> memoryview:
         """A fresh view of `length` bytes at `addr` (a request buffer: each tag
@@ -88,7 +91,7 @@ class Batcher:
                 raw = memoryview((ctypes.c_char * (n * ENTRY.size)).from_address(ptr)).cast("B")
                 vs = self.batch_views[(ptr, n)] = (raw, raw.cast("i"), raw.cast("Q"))
             raw, ints, u64s = vs
-            simple = self.route is None and self.handle is None and not self.fixed
+            simple = self.simple
             entries = SIMPLE.iter_unpack(raw) if simple else list(ENTRY.iter_unpack(raw))
         except Exception:  # never unwind into C: the requests stay pending forever otherwise
             log.exception("pyublk: reading a batch failed")
