@@ -104,26 +104,46 @@ wait_exit() { # wait_exit PID SECONDS: 0 once PID is gone, 1 if it still runs af
 # parallel all of them.  loop-lat uses nullb0, mirror-lat nullb1 and nullb2.
 ensure_lat_devices() {
     [ ${#LAT_DEVS[@]} -eq 3 ] && return 0
-    if [ -d /sys/module/null_blk ]; then
-        modprobe -r null_blk 2>/dev/null || return 1
-    fi
-    local args=(nr_devices=3 queue_mode=2 irqmode=2 completion_nsec=$((LAT_US * 1000)) memory_backed=0
-                submit_queues=1 hw_queue_depth=128 gb=4)
-    log "latency devices: modprobe null_blk ${args[*]}"
-    modprobe null_blk "${args[@]}" 2>"$TMP/modprobe.err" ||
-        { loud "modprobe null_blk ${args[*]} failed: $(tr '\n' ' ' <"$TMP/modprobe.err")"; return 1; }
-    NULLBLK_LOADED=1
-    local d
-    for d in /dev/nullb0 /dev/nullb1 /dev/nullb2; do
-        wait_blockdev "$d" 10 || { loud "$d did not appear"; return 1; }
-    done
+    reload_null_blk "latency devices" 3 queue_mode=2 irqmode=2 completion_nsec=$((LAT_US * 1000)) \
+        memory_backed=0 submit_queues=1 hw_queue_depth=128 gb=4 || return 1
     LAT_DEVS=(/dev/nullb0 /dev/nullb1 /dev/nullb2)
 }
 
+# reload_null_blk WHAT COUNT ARG...: loads null_blk afresh with COUNT devices
+# (/dev/nullb0...) and the module arguments ARG (WHAT names them in the log)
+reload_null_blk() {
+    local what=$1 count=$2 i
+    shift 2
+    if [ -d /sys/module/null_blk ]; then
+        modprobe -r null_blk 2>/dev/null || return 1
+    fi
+    LAT_DEVS=() NODATA_DEVS=()
+    log "$what: modprobe null_blk nr_devices=$count $*"
+    modprobe null_blk nr_devices="$count" "$@" 2>"$TMP/modprobe.err" ||
+        { loud "modprobe null_blk nr_devices=$count $* failed: $(tr '\n' ' ' <"$TMP/modprobe.err")"; return 1; }
+    NULLBLK_LOADED=1
+    for ((i = 0; i < count; i++)); do
+        wait_blockdev /dev/nullb$i 10 || { loud "/dev/nullb$i did not appear"; return 1; }
+    done
+}
+
+# The backing of mirror-nullb: two null_blk devices that complete every IO at
+# once (irqmode=0) and keep no data (memory_backed=0), so that the backing IO
+# costs no CPU copy, as on a device that moves data by DMA: what is left to
+# compare between the data modes is the server's own copy (copy mode) against
+# none (zero copy).  On the tmpfs legs every leg's write is itself a copy.
+ensure_nodata_devices() {
+    [ ${#NODATA_DEVS[@]} -eq 2 ] && return 0
+    reload_null_blk "no-data devices" 2 queue_mode=2 irqmode=0 memory_backed=0 submit_queues=1 \
+        hw_queue_depth=128 gb=4 || return 1
+    NODATA_DEVS=(/dev/nullb0 /dev/nullb1)
+}
+
+# Unloads null_blk after a group that used the latency or the no-data devices.
 release_lat_devices() {
-    [ ${#LAT_DEVS[@]} -gt 0 ] || return 0
-    modprobe -r null_blk 2>/dev/null || loud "could not unload null_blk (the latency devices)"
-    NULLBLK_LOADED=0 LAT_DEVS=()
+    [ $((${#LAT_DEVS[@]} + ${#NODATA_DEVS[@]})) -gt 0 ] || return 0
+    modprobe -r null_blk 2>/dev/null || loud "could not unload null_blk (the latency or no-data devices)"
+    NULLBLK_LOADED=0 LAT_DEVS=() NODATA_DEVS=()
 }
 
 # qemu-nbd serving the loop file on NBD_PORT (the nbd group): started once,
@@ -396,7 +416,8 @@ start_device() {
         CUR_KIND=$engine
         ;;
     libublk-c|python|go)
-        local bin=$CBIN/c-${base%-lat} name=c-$base args=()
+        local cbase=${base%-lat}
+        local bin=$CBIN/c-${cbase%-nullb} name=c-$base args=()
         if [ "$engine" = python ]; then
             bin=$PYTHON name=py-$base
             [ -x "$bin" ] || { START_ERR="pyublk's venv python not found at $bin (make python first)"; return 1; }
@@ -432,6 +453,8 @@ start_device() {
                         args=(-q 1 -d 64 -f "$LEGS" -c "$CHUNK") ;;
             mirror-lat) ensure_lat_devices || { START_ERR="could not set up the null_blk latency devices"; return 1; }
                         args=(-q 1 -d 64 -f "${LAT_DEVS[1]},${LAT_DEVS[2]}") ;;
+            mirror-nullb) ensure_nodata_devices || { START_ERR="could not set up the null_blk no-data devices"; return 1; }
+                        args=(-q 1 -d 64 -f "${NODATA_DEVS[0]},${NODATA_DEVS[1]}") ;;
         esac
         [ "$engine" = libublk-c ] && args+=(-z "$zmode")
         before=$(ublk_chars | tr '\n' ' ')
@@ -499,6 +522,7 @@ start_device() {
             if [ -d /sys/module/null_blk ]; then
                 modprobe -r null_blk 2>/dev/null || { START_ERR="null_blk already loaded and cannot be unloaded"; return 1; }
             fi
+            LAT_DEVS=() NODATA_DEVS=()
             log "kernel null: modprobe null_blk nr_devices=1 queue_mode=2 irqmode=0 submit_queues=1 hw_queue_depth=64 gb=250"
             modprobe null_blk nr_devices=1 queue_mode=2 irqmode=0 submit_queues=1 \
                 hw_queue_depth=64 gb=250 2>"$err" ||

@@ -95,6 +95,8 @@ m = {
     "lat_backing": "null_blk devices completing each IO after %s us (irqmode=2 timer, "
                    "memory_backed=0), loop-lat on nullb0, mirror-lat's legs on nullb1 and nullb2"
                    % lat_us,
+    "nodata_backing": "2 null_blk devices completing each IO at once (irqmode=0) and keeping no "
+                      "data (memory_backed=0): mirror-nullb's legs, nullb0 and nullb1",
     "ram_fill": "one unmeasured sequential write pass (fio --rw=write --bs=1M --iodepth=8) before the measurements",
     "fio_args": "--ioengine=io_uring --direct=1 --time_based --numjobs=1 --thread --disk_util=0 "
                 "--norandommap --randrepeat=0 "
@@ -118,6 +120,8 @@ m = {
 }
 if not any("-lat" in r["target"] for r in rows):
     del m["lat_backing"]
+if not any("-nullb" in r["target"] for r in rows):
+    del m["nodata_backing"]
 def write(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
