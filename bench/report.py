@@ -397,8 +397,9 @@ def write_md(path, rows, meta, png_name):
     L.append("What bounds the threadpool ratio here: every server thread runs on the one CPU of "
              "the servers' cpuset (see server CPUs), so c-threadpool's queue thread and its "
              "workers take turns on it, and each hand-over between them is a context switch "
-             "(0.4-0.55 per IO at 4k randread QD64, measured with /proc/stat in the VM) that "
-             "c-ramdisk, completing inside the callback, does not pay. The runs before "
+             "(0.37-0.45 per IO at 4k QD64, measured with /proc/stat in the VM; 0.5-0.6 "
+             "before abb8acc, when a worker woken under the pool's lock ran at once and blocked "
+             "on it) that c-ramdisk, completing inside the callback, does not pay. The runs before "
              "0e09ade (the kernel's mq-deadline on every ublk device) stopped at 16-19k IOPS at "
              "4k for every ublk server, a kblockd hop per request, and the ratio was met there; "
              "with the I/O scheduler none the servers' own cost per request decides.")
