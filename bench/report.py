@@ -218,8 +218,8 @@ def write_md(path, rows, meta, png_name):
     if any(r["engine"] == "libublk-c" for r in rows):
         L.append("- C examples (engine `libublk-c`, through libublk.so's C ABI, copy mode): "
                  "`c-null -s 1G`, `c-loop -f <the same file>`, `c-ramdisk -s 1G -b` (completes "
-                 "inside the callback), `c-threadpool -s 1G -t 2 -b` (completes from 2 worker "
-                 "threads), all `-q 1 -d 64`; `-b`: both take the requests of each pass over the "
+                 "inside the callback), `c-threadpool -s 1G -b` (completes from worker "
+                 "threads, one per CPU it may run on: here the one CPU of the servers' cpuset), all `-q 1 -d 64`; `-b`: both take the requests of each pass over the "
                  "queue ring in one `handle_batch` call (the ramdisk serves them there, the "
                  "threadpool queues them for its workers with one lock and one wake-up); each is measured in the same group as the Rust "
                  "target it is compared with")
@@ -271,13 +271,15 @@ def write_md(path, rows, meta, png_name):
     L.append("")
     L.append("What bounds the threadpool ratio here: every server thread runs on the one CPU of "
              "the servers' cpuset (see server CPUs), so c-threadpool's queue thread and its "
-             "workers take turns on it, and each hand-over between them is a context switch "
-             "(0.37-0.45 per IO at 4k QD64, measured with /proc/stat in the VM; 0.5-0.6 "
-             "before abb8acc, when a worker woken under the pool's lock ran at once and blocked "
-             "on it) that c-ramdisk, completing inside the callback, does not pay. The runs before "
-             "0e09ade (the kernel's mq-deadline on every ublk device) stopped at 16-19k IOPS at "
-             "4k for every ublk server, a kblockd hop per request, and the ratio was met there; "
-             "with the I/O scheduler none the servers' own cost per request decides.")
+             "worker take turns on it, and each hand-over between them is a context switch "
+             "that c-ramdisk, completing inside the callback, does not pay. Context switches "
+             "per IO at 4k QD64 (the whole VM's, `tests/vm/run bench/ctxsw`): c-ramdisk "
+             "0.06-0.08, c-threadpool 0.12-0.14 with its one worker, 0.18-0.23 with `-t 2` "
+             "(two workers taking turns on one CPU; 0.67-0.73 of inline at 4k in eab808b's "
+             "run). The runs before 0e09ade (the kernel's mq-deadline on every ublk device) "
+             "stopped at 16-19k IOPS at 4k for every ublk server, a kblockd hop per request, "
+             "and the ratio was met there; with the I/O scheduler none the servers' own cost "
+             "per request decides.")
     L.append("")
     cmet, cwant = ratio_table(L, idx, cols, C_RATIOS, goal_col=True)
 
@@ -417,7 +419,7 @@ def write_md(path, rows, meta, png_name):
     tnames = {("kernel", "null"): "null (null_blk)", ("kernel", "loop"): "loop (losetup, dio)",
               ("libublk-c", "null"): "null (c-null)", ("libublk-c", "loop"): "loop (c-loop)",
               ("libublk-c", "ramdisk"): "ramdisk (c-ramdisk -b, inline)",
-              ("libublk-c", "threadpool"): "threadpool (c-threadpool -t 2 -b)",
+              ("libublk-c", "threadpool"): "threadpool (c-threadpool -b)",
               RUBLK_ZC: "loop-zc (-z)", ("kernel", "nbd"): "nbd (nbd-client)"}
     modes = row_modes(rows)
     for engine, target, _ in series_in(rows):

@@ -21,7 +21,8 @@ struct example_opts {
     int depth;          /* -d */
     const char *file;   /* -f backing file (loop); comma-separated list (mirror, stripe) */
     uint64_t chunk;     /* -c chunk size (stripe) */
-    int threads;        /* -t worker threads (threadpool) */
+    int threads;        /* -t worker threads (threadpool); 0 when not given */
+    int threads_given;  /* -t was given */
     uint32_t data_mode; /* -z auto|auto-buf-reg|register|user-copy|copy */
     uint32_t recovery;  /* -r none|reissue|fail|wait */
     int recover_id;     /* -R ID: take over device ID after its server died (-1: no) */
@@ -73,7 +74,8 @@ static inline void example_parse(int argc, char **argv, struct example_opts *o)
     o->queues = 1;
     o->depth = 128;
     o->file = NULL;
-    o->threads = 4;
+    o->threads = 0;
+    o->threads_given = 0;
     o->data_mode = UBLK_DATA_AUTO;
     o->chunk = 64 << 10;
     o->recovery = UBLK_RECOVERY_NONE;
@@ -85,7 +87,7 @@ static inline void example_parse(int argc, char **argv, struct example_opts *o)
         case 'q': o->queues = atoi(optarg); break;
         case 'd': o->depth = atoi(optarg); break;
         case 'f': o->file = optarg; break;
-        case 't': o->threads = atoi(optarg); break;
+        case 't': o->threads = atoi(optarg); o->threads_given = 1; break;
         case 'z': o->data_mode = example_parse_mode(optarg); break;
         case 'c': o->chunk = example_parse_size(optarg); break;
         case 'r': o->recovery = example_parse_recovery(optarg); break;

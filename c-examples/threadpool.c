@@ -7,9 +7,12 @@
  * wakes the workers once; each worker takes its share of the queue at a time.
  * Workers are woken after the lock is released: on a busy CPU the woken one
  * often runs at once, and would otherwise block on the lock straight away
- * (two more context switches per wake-up). */
+ * (two more context switches per wake-up). Without -t there is one worker per
+ * CPU the process may run on: more workers than CPUs only take turns. */
+#define _GNU_SOURCE
 #include "common.h"
 #include <pthread.h>
+#include <sched.h>
 #include <sys/mman.h>
 
 struct pool {
@@ -132,6 +135,10 @@ int main(int argc, char **argv)
     int i, r;
 
     example_parse(argc, argv, &o);
+    if (!o.threads_given) {
+        cpu_set_t set;
+        o.threads = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    }
     if (o.threads < 1) {
         fprintf(stderr, "threadpool: -t %d: want at least one worker thread\n", o.threads);
         return 2;

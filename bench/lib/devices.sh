@@ -444,7 +444,7 @@ start_device() {
         [ "$engine" = libublk-c ] && case $base in
             null)       args=(-q 1 -d 64 -s 1G) ;;
             ramdisk)    args=(-q 1 -d 64 -s 1G -b) ;;
-            threadpool) args=(-q 1 -d 64 -s 1G -t 2 -b) ;;
+            threadpool) args=(-q 1 -d 64 -s 1G -b) ;;
             loop)       ensure_backing_file || { START_ERR="could not create the tmpfs backing file"; return 1; }
                         args=(-q 1 -d 64 -f "$BACKING") ;;
             mirror)     ensure_leg_files || { START_ERR="could not create the tmpfs mirror/stripe files"; return 1; }

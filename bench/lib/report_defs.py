@@ -13,7 +13,7 @@ SERIES = [
     ("libublk-c", "null", "C null (c-null)"),
     ("libublk", "mem", "libublk mem"),
     ("libublk-c", "ramdisk", "C ramdisk (inline)"),
-    ("libublk-c", "threadpool", "C threadpool (2 workers)"),
+    ("libublk-c", "threadpool", "C threadpool (worker threads)"),
     ("python", "ramdisk", "Python ramdisk (pyublk)"),
     ("go", "ramdisk", "Go ramdisk (bindings/go)"),
     ("libublk", "loop", "libublk loop"),

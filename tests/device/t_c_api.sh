@@ -69,18 +69,20 @@ if start_c threadpool -s 256M -q "$Q2" -t 3; then
 fi
 
 # threadpool -b: handle_batch queues each pass over the ring at once; every
-# worker takes its share of the queue per wake-up
-if start_c threadpool -s 256M -q "$Q2" -t 3 -b; then
+# worker takes its share of the queue per wake-up; no -t: one worker per CPU
+if start_c threadpool -s 256M -q "$Q2" -b; then
     fio_verify c-threadpool-batch "$DEV"
     stop_c threadpool
 fi
 # no worker would ever complete a request: refused before any device exists
-tp_err=$("$B/c-threadpool" -t 0 2>&1 >/dev/null); tp_rc=$?
-if ((tp_rc == 2)) && [[ $tp_err == *"at least one worker"* ]]; then
-    pass "c-threadpool-no-workers (exit 2: $tp_err)"
-else
-    fail "c-threadpool-no-workers" "exit $tp_rc, stderr: $tp_err"
-fi
+for t in 0 -1; do
+    tp_err=$("$B/c-threadpool" -t "$t" 2>&1 >/dev/null); tp_rc=$?
+    if ((tp_rc == 2)) && [[ $tp_err == *"at least one worker"* ]]; then
+        pass "c-threadpool-no-workers -t $t (exit 2: $tp_err)"
+    else
+        fail "c-threadpool-no-workers -t $t" "exit $tp_rc, stderr: $tp_err"
+    fi
+done
 
 # loop -b: handle_batch; READ and WRITE lent whole to the file through the
 # entries' lease_fd, FLUSH through the per-request path
