@@ -274,7 +274,7 @@ def write_md(path, rows, meta, png_name):
              "worker take turns on it, and each hand-over between them is a context switch "
              "that c-ramdisk, completing inside the callback, does not pay. Context switches "
              "per IO at 4k QD64 (the whole VM's, `tests/vm/run bench/ctxsw`): c-ramdisk "
-             "0.06-0.08, c-threadpool 0.12-0.14 with its one worker, 0.18-0.23 with `-t 2` "
+             "0.06-0.08, c-threadpool 0.12-0.15 with its one worker, 0.18-0.23 with `-t 2` "
              "(two workers taking turns on one CPU; 0.67-0.73 of inline at 4k in eab808b's "
              "run). The runs before 0e09ade (the kernel's mq-deadline on every ublk device) "
              "stopped at 16-19k IOPS at 4k for every ublk server, a kblockd hop per request, "
