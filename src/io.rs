@@ -5,7 +5,7 @@ use crate::error::{Error, Result};
 use crate::sys;
 use crossbeam_channel::Sender;
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// The operation of a request.
@@ -65,6 +65,9 @@ pub(crate) struct QueueShared {
     pub tags: Box<[AtomicU64]>,
     pub tx: Sender<(u16, i32)>,
     pub eventfd: RawFd,
+    /// True while no eventfd write is needed to get a posted completion
+    /// seen: the queue thread is awake (it drains the channel before it
+    /// sleeps again, see `Queue::run`) or a wake-up is already on its way.
     pub wake_pending: AtomicBool,
     /// Set when the queue thread has exited: completions go nowhere.
     pub closed: AtomicBool,
@@ -139,9 +142,28 @@ impl QueueShared {
         }
     }
 
-    /// Wakes the queue thread (its eventfd read on the ring completes).
+    /// Called by the queue thread before it takes what was posted and may
+    /// sleep in its ring: from here on, a posting thread writes the eventfd.
+    pub(crate) fn may_sleep(&self) {
+        self.wake_pending.store(false, Ordering::SeqCst);
+        // Pairs with the fence in `wake`: either the caller's channel check
+        // after this sees a completion, or its poster sees `false`.
+        fence(Ordering::SeqCst);
+    }
+
+    /// Called by the queue thread when it is back from its ring: posted
+    /// completions need no eventfd write until its next `may_sleep`.
+    pub(crate) fn awake(&self) {
+        self.wake_pending.store(true, Ordering::Relaxed);
+    }
+
+    /// Makes sure the queue thread sees what was posted before this call:
+    /// wakes it (its eventfd read on the ring completes) unless it is awake
+    /// or already being woken.
     pub(crate) fn wake(&self) {
-        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+        // Pairs with the fence in `may_sleep`.
+        fence(Ordering::SeqCst);
+        if !self.wake_pending.swap(true, Ordering::SeqCst) {
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a local to the queue's eventfd, which
             // stays open as long as any `Arc<QueueShared>` exists.
@@ -302,7 +324,7 @@ mod tests {
     fn shared(depth: u16) -> (Arc<QueueShared>, crossbeam_channel::Receiver<(u16, i32)>) {
         let (tx, rx) = crossbeam_channel::unbounded();
         // SAFETY: eventfd has no memory preconditions.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         assert!(efd >= 0);
         let s = QueueShared {
             q_id: 0,
@@ -347,6 +369,74 @@ mod tests {
         // SAFETY: reads 8 bytes into a local.
         assert_eq!(unsafe { libc::read(s.eventfd, &mut v as *mut u64 as *mut libc::c_void, 8) }, 8);
         assert_eq!(v, 1);
+    }
+
+    /// The eventfd's counter (0 when nothing was written), reset by the read.
+    fn take_wakes(s: &QueueShared) -> u64 {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local; the eventfd is non-blocking.
+        let n = unsafe { libc::read(s.eventfd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+        if n == 8 {
+            v
+        } else {
+            0
+        }
+    }
+
+    #[test]
+    fn completion_while_the_queue_is_awake_writes_no_eventfd() {
+        let (s, rx) = shared(4);
+        s.awake();
+        let c = completion(&s, 1, 1, Op::Write, 512);
+        std::thread::spawn(move || c.complete(512).unwrap()).join().unwrap();
+        assert_eq!(rx.try_recv(), Ok((1, 512)));
+        assert_eq!(take_wakes(&s), 0);
+        // once the queue may sleep, the next completion wakes it
+        s.may_sleep();
+        completion(&s, 2, 1, Op::Write, 512).complete(512).unwrap();
+        assert_eq!(take_wakes(&s), 1);
+    }
+
+    /// Posters race a consumer that sleeps on the eventfd exactly as the
+    /// queue thread does (`may_sleep`, drain, sleep, `awake`): no completion
+    /// is ever left in the channel while the consumer sleeps.
+    #[test]
+    fn no_lost_wakeup() {
+        const PER_THREAD: u32 = 20_000;
+        let (s, rx) = shared(1);
+        let posters: Vec<_> = (0..3)
+            .map(|_| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..PER_THREAD {
+                        s.post_quiet(0, 0);
+                        if i % 7 == 0 {
+                            std::thread::yield_now();
+                        }
+                        s.wake();
+                    }
+                })
+            })
+            .collect();
+        let mut got = 0;
+        while got < 3 * PER_THREAD {
+            s.may_sleep();
+            while rx.try_recv().is_ok() {
+                got += 1;
+            }
+            if got == 3 * PER_THREAD {
+                break;
+            }
+            let mut p = libc::pollfd { fd: s.eventfd, events: libc::POLLIN, revents: 0 };
+            // SAFETY: one pollfd on the stack.
+            let r = unsafe { libc::poll(&mut p, 1, 10_000) };
+            assert_eq!(r, 1, "asleep for 10 s with {} of {} completions taken: a lost wake-up", got, 3 * PER_THREAD);
+            take_wakes(&s);
+            s.awake();
+        }
+        for p in posters {
+            p.join().unwrap();
+        }
     }
 
     #[test]

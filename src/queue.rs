@@ -421,12 +421,19 @@ impl Queue {
     /// Serves until every tag is aborted (device stopped) or a forced exit.
     pub(crate) fn run(mut self) -> Result<()> {
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
-        while !self.done() {
+        loop {
+            self.before_sleep();
+            if self.done() {
+                break;
+            }
             match self.core.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
                 Err(e) => return Err(Error::from_io(e, format!("queue {}: io_uring_enter failed", self.core.info.queue_id))),
             }
+            // Awake: completions posted from now on are drained by the next
+            // `before_sleep`, without an eventfd write.
+            self.core.shared.awake();
             cqes.clear();
             cqes.extend(self.core.ring.completion().map(|c| (c.user_data(), c.result())));
             for &(ud, res) in &cqes {
@@ -437,6 +444,22 @@ impl Queue {
         }
         self.disarm_wake();
         Ok(())
+    }
+
+    /// Takes the completions other threads posted, before the thread may
+    /// sleep in the ring. From the fence on, a thread posting another one
+    /// sees `wake_pending` false and writes the eventfd (`QueueShared::wake`):
+    /// so while the thread is awake, completions cost no wake-up at all (a
+    /// worker on the same CPU that ran while this thread was preempted).
+    fn before_sleep(&mut self) {
+        self.core.shared.may_sleep();
+        self.drain_remote();
+    }
+
+    fn drain_remote(&mut self) {
+        while let Ok((tag, res)) = self.rx.try_recv() {
+            self.core.commit(tag, res);
+        }
     }
 
     /// Cancels the armed eventfd read and reaps it, so the ring never holds
@@ -493,10 +516,7 @@ impl Queue {
             KIND_BUFCMD => self.core.buf_cmd_failed(tag, ((ud >> 16) & 0xffff_ffff) as u32, res),
             KIND_WAKE => {
                 self.core.wake_armed = false;
-                self.core.shared.wake_pending.store(false, Ordering::Release);
-                while let Ok((tag, res)) = self.rx.try_recv() {
-                    self.core.commit(tag, res);
-                }
+                self.drain_remote();
                 if !self.core.force_exit.load(Ordering::Acquire) {
                     if let Err(e) = self.core.arm_wake() {
                         eprintln!("ublk: queue {}: {e}", self.core.info.queue_id);
