@@ -449,8 +449,8 @@ impl Queue {
     /// Takes the completions other threads posted, before the thread may
     /// sleep in the ring. From the fence on, a thread posting another one
     /// sees `wake_pending` false and writes the eventfd (`QueueShared::wake`):
-    /// so while the thread is awake, completions cost no wake-up at all (a
-    /// worker on the same CPU that ran while this thread was preempted).
+    /// so while the thread is awake, completions cost no wake-up at all
+    /// (workers on other CPUs that finish while it serves the ring).
     fn before_sleep(&mut self) {
         self.core.shared.may_sleep();
         self.drain_remote();
