@@ -453,10 +453,6 @@ impl Queue {
     /// (workers on other CPUs that finish while it serves the ring).
     fn before_sleep(&mut self) {
         self.core.shared.may_sleep();
-        self.drain_remote();
-    }
-
-    fn drain_remote(&mut self) {
         while let Ok((tag, res)) = self.rx.try_recv() {
             self.core.commit(tag, res);
         }
@@ -515,8 +511,8 @@ impl Queue {
             }
             KIND_BUFCMD => self.core.buf_cmd_failed(tag, ((ud >> 16) & 0xffff_ffff) as u32, res),
             KIND_WAKE => {
+                // what was posted is taken by the next `before_sleep`
                 self.core.wake_armed = false;
-                self.drain_remote();
                 if !self.core.force_exit.load(Ordering::Acquire) {
                     if let Err(e) = self.core.arm_wake() {
                         eprintln!("ublk: queue {}: {e}", self.core.info.queue_id);
