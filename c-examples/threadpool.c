@@ -8,19 +8,29 @@
  * Workers are woken after the lock is released: on a busy CPU the woken one
  * often runs at once, and would otherwise block on the lock straight away
  * (two more context switches per wake-up). Without -t there is one worker per
- * CPU the process may run on: more workers than CPUs only take turns. */
+ * CPU the process may run on: more workers than CPUs only take turns.
+ * The queue thread puts each request's description and buffer in the pool's
+ * ring with it (handle_batch has them in its entries already), so a worker
+ * makes no libublk call per request but the completion. */
 #define _GNU_SOURCE
 #include "common.h"
 #include <pthread.h>
 #include <sched.h>
 #include <sys/mman.h>
 
+/* A request waiting for a worker. */
+struct job {
+    ublk_io *io;
+    void *buf;
+    struct ublk_io_desc d;
+};
+
 struct pool {
     unsigned char *mem;
     uint64_t size;
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    ublk_io **ring;     /* pending requests, a circular buffer */
+    struct job *ring;   /* pending requests, a circular buffer */
     size_t cap, head, count;
     int stop;
     pthread_t *tids;
@@ -30,9 +40,11 @@ struct pool {
 static void handle_io(void *user, ublk_io *io)
 {
     struct pool *p = user;
+    struct job j = { .io = io, .buf = ublk_io_buf(io) };
 
+    ublk_io_get_desc(io, &j.d);
     pthread_mutex_lock(&p->lock);
-    p->ring[(p->head + p->count) % p->cap] = io;
+    p->ring[(p->head + p->count) % p->cap] = j;
     p->count++;
     pthread_mutex_unlock(&p->lock);
     /* after the unlock (see the top of the file) */
@@ -45,8 +57,13 @@ static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
     struct pool *p = user;
 
     pthread_mutex_lock(&p->lock);
-    for (uint32_t i = 0; i < n; i++)
-        p->ring[(p->head + p->count + i) % p->cap] = e[i].io;
+    for (uint32_t i = 0; i < n; i++) {
+        struct job *j = &p->ring[(p->head + p->count + i) % p->cap];
+
+        j->io = e[i].io;
+        j->buf = e[i].buf;
+        j->d = e[i].desc;
+    }
     p->count += n;
     pthread_mutex_unlock(&p->lock);
     if (n > 1)
@@ -56,30 +73,31 @@ static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
 }
 
 /* Serves one request; gives its result (bytes done or a negative errno). */
-static int serve_one(struct pool *p, ublk_io *io)
+static int serve_one(struct pool *p, const struct job *j)
 {
-    uint64_t off = ublk_io_offset(io);
-    uint32_t len = ublk_io_len(io);
+    uint64_t off = j->d.offset;
+    uint32_t len = j->d.len;
 
     if (off + len > p->size)
         return -EIO;
-    if (ublk_io_op(io) == UBLK_OP_READ)
-        return memcpy(ublk_io_buf(io), p->mem + off, len), (int)len;
-    if (ublk_io_op(io) == UBLK_OP_WRITE)
-        return memcpy(p->mem + off, ublk_io_buf(io), len), (int)len;
-    return ublk_io_op(io) == UBLK_OP_FLUSH ? 0 : -EOPNOTSUPP;
+    if (j->d.op == UBLK_OP_READ)
+        return memcpy(j->buf, p->mem + off, len), (int)len;
+    if (j->d.op == UBLK_OP_WRITE)
+        return memcpy(p->mem + off, j->buf, len), (int)len;
+    return j->d.op == UBLK_OP_FLUSH ? 0 : -EOPNOTSUPP;
 }
 
 static void *worker(void *arg)
 {
     struct pool *p = arg;
 
-    ublk_io **mine = calloc(p->cap, sizeof(*mine));
+    struct job *mine = calloc(p->cap, sizeof(*mine));
+    ublk_io **ios = calloc(p->cap, sizeof(*ios));
     int *res = calloc(p->cap, sizeof(*res)), *status = calloc(p->cap, sizeof(*status));
 
-    if (!mine || !res || !status) {
+    if (!mine || !ios || !res || !status) {
         perror("threadpool: worker");
-        free(mine), free(res), free(status);
+        free(mine), free(ios), free(res), free(status);
         return NULL;
     }
     for (;;) {
@@ -90,7 +108,7 @@ static void *worker(void *arg)
             pthread_cond_wait(&p->cond, &p->lock);
         if (!p->count) {
             pthread_mutex_unlock(&p->lock);
-            free(mine), free(res), free(status);
+            free(mine), free(ios), free(res), free(status);
             return NULL;
         }
         /* this worker's share: the others take the rest */
@@ -101,10 +119,12 @@ static void *worker(void *arg)
         }
         p->count -= n;
         pthread_mutex_unlock(&p->lock);
-        for (i = 0; i < n; i++)
-            res[i] = serve_one(p, mine[i]);
+        for (i = 0; i < n; i++) {
+            res[i] = serve_one(p, &mine[i]);
+            ios[i] = mine[i].io;
+        }
         /* one wake-up of the queue thread for the whole share */
-        if (ublk_io_complete_batch(mine, res, n, status) < 0)
+        if (ublk_io_complete_batch(ios, res, n, status) < 0)
             for (i = 0; i < n; i++)
                 if (status[i] < 0) /* -ESHUTDOWN once the device stopped: expected at exit */
                     fprintf(stderr, "threadpool: complete: %s\n", ublk_strerror(status[i]));

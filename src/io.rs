@@ -3,7 +3,6 @@
 
 use crate::error::{Error, Result};
 use crate::sys;
-use crossbeam_channel::Sender;
 use std::os::fd::RawFd;
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -63,10 +62,11 @@ pub(crate) const PHASE_DONE: u64 = 2; // completed, commit pending on the queue 
 pub(crate) struct QueueShared {
     pub q_id: u16,
     pub tags: Box<[AtomicU64]>,
-    pub tx: Sender<(u16, i32)>,
+    /// Completions posted by other threads, for the queue thread to commit.
+    pub posted: crate::posted::Posted,
     pub eventfd: RawFd,
     /// True while no eventfd write is needed to get a posted completion
-    /// seen: the queue thread is awake (it drains the channel before it
+    /// seen: the queue thread is awake (it takes what was posted before it
     /// sleeps again, see `Queue::run`) or a wake-up is already on its way.
     pub wake_pending: AtomicBool,
     /// Set when the queue thread has exited: completions go nowhere.
@@ -122,9 +122,9 @@ impl QueueShared {
     /// Hands a completion to the queue thread without waking it: the caller
     /// calls `wake` once after a batch of these.
     pub(crate) fn post_quiet(&self, tag: u16, res: i32) {
-        // The receiver lives as long as the queue thread; if it is gone the
-        // device is gone and the completion has nowhere to go.
-        let _ = self.tx.send((tag, res));
+        // (If the queue thread is gone, the device is gone and the completion
+        // has nowhere to go: nothing takes it.)
+        self.posted.post(tag, res);
     }
 
     /// `complete_remote` without the wake-up: the caller calls `wake` once
@@ -146,8 +146,8 @@ impl QueueShared {
     /// sleep in its ring: from here on, a posting thread writes the eventfd.
     pub(crate) fn may_sleep(&self) {
         self.wake_pending.store(false, Ordering::SeqCst);
-        // Pairs with the fence in `wake`: either the caller's channel check
-        // after this sees a completion, or its poster sees `false`.
+        // Pairs with the fence in `wake`: either the caller's look at
+        // `posted` after this sees a completion, or its poster sees `false`.
         fence(Ordering::SeqCst);
     }
 
@@ -321,22 +321,28 @@ impl Drop for Completion {
 mod tests {
     use super::*;
 
-    fn shared(depth: u16) -> (Arc<QueueShared>, crossbeam_channel::Receiver<(u16, i32)>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
+    fn shared(depth: u16) -> Arc<QueueShared> {
         // SAFETY: eventfd has no memory preconditions.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         assert!(efd >= 0);
         let s = QueueShared {
             q_id: 0,
             tags: (0..depth).map(|_| AtomicU64::new(PHASE_KERNEL)).collect(),
-            tx,
+            posted: crate::posted::Posted::new(depth),
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             stats: Default::default(),
             _bufs: Arc::new(crate::buf::TagBuffers::new(depth, 4096).unwrap()),
         };
-        (Arc::new(s), rx)
+        Arc::new(s)
+    }
+
+    /// What was posted, as the queue thread takes it.
+    fn taken(s: &QueueShared) -> Vec<(u16, i32)> {
+        let mut v = Vec::new();
+        s.posted.take(|t, r| v.push((t, r)));
+        v
     }
 
     fn completion(s: &Arc<QueueShared>, tag: u16, seq: u64, op: Op, len: u32) -> Completion {
@@ -359,11 +365,11 @@ mod tests {
 
     #[test]
     fn completion_from_another_thread() {
-        let (s, rx) = shared(4);
+        let s = shared(4);
         let mut c = completion(&s, 2, 7, Op::Read, 4096);
         assert_eq!(c.buf().len(), 4096);
         std::thread::spawn(move || c.complete(4096).unwrap()).join().unwrap();
-        assert_eq!(rx.try_recv(), Ok((2, 4096)));
+        assert_eq!(taken(&s), [(2, 4096)]);
         // the eventfd was written once
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a local.
@@ -385,11 +391,11 @@ mod tests {
 
     #[test]
     fn completion_while_the_queue_is_awake_writes_no_eventfd() {
-        let (s, rx) = shared(4);
+        let s = shared(4);
         s.awake();
         let c = completion(&s, 1, 1, Op::Write, 512);
         std::thread::spawn(move || c.complete(512).unwrap()).join().unwrap();
-        assert_eq!(rx.try_recv(), Ok((1, 512)));
+        assert_eq!(taken(&s), [(1, 512)]);
         assert_eq!(take_wakes(&s), 0);
         // once the queue may sleep, the next completion wakes it
         s.may_sleep();
@@ -398,18 +404,26 @@ mod tests {
     }
 
     /// Posters race a consumer that sleeps on the eventfd exactly as the
-    /// queue thread does (`may_sleep`, drain, sleep, `awake`): no completion
-    /// is ever left in the channel while the consumer sleeps.
+    /// queue thread does (`may_sleep`, take, sleep, `awake`): no completion
+    /// is ever left posted while the consumer sleeps. Each poster owns a tag
+    /// and posts it again once it was taken, as a worker completes the next
+    /// request on a tag only after the queue thread committed the last one.
     #[test]
     fn no_lost_wakeup() {
+        use std::sync::atomic::AtomicBool;
         const PER_THREAD: u32 = 20_000;
-        let (s, rx) = shared(1);
-        let posters: Vec<_> = (0..3)
-            .map(|_| {
-                let s = s.clone();
+        let s = shared(3);
+        let busy: Arc<Vec<AtomicBool>> = Arc::new((0..3).map(|_| AtomicBool::new(false)).collect());
+        let posters: Vec<_> = (0..3u16)
+            .map(|tag| {
+                let (s, busy) = (s.clone(), busy.clone());
                 std::thread::spawn(move || {
                     for i in 0..PER_THREAD {
-                        s.post_quiet(0, 0);
+                        while busy[tag as usize].load(Ordering::Acquire) {
+                            std::thread::yield_now();
+                        }
+                        busy[tag as usize].store(true, Ordering::Relaxed);
+                        s.post_quiet(tag, 0);
                         if i % 7 == 0 {
                             std::thread::yield_now();
                         }
@@ -421,9 +435,7 @@ mod tests {
         let mut got = 0;
         while got < 3 * PER_THREAD {
             s.may_sleep();
-            while rx.try_recv().is_ok() {
-                got += 1;
-            }
+            got += s.posted.take(|tag, _| busy[tag as usize].store(false, Ordering::Release)) as u32;
             if got == 3 * PER_THREAD {
                 break;
             }
@@ -441,7 +453,7 @@ mod tests {
 
     #[test]
     fn double_and_stale_completion_are_errors() {
-        let (s, rx) = shared(4);
+        let s = shared(4);
         let c = completion(&s, 1, 3, Op::Write, 512);
         assert_eq!(s.claim(1, 3), Ok(()));
         // the handle's request was already completed (inline by the queue)
@@ -450,17 +462,17 @@ mod tests {
         s.tags[1].store(4 << 2 | PHASE_TARGET, Ordering::Release);
         assert_eq!(s.claim(1, 3).unwrap_err().errno(), libc::ESTALE);
         assert_eq!(s.claim(9, 0).unwrap_err().errno(), libc::EINVAL);
-        assert!(rx.try_recv().is_err());
+        assert!(taken(&s).is_empty());
     }
 
     #[test]
     fn oversized_result_fails_the_request_and_dropped_handle_fails_with_eio() {
-        let (s, rx) = shared(2);
+        let s = shared(2);
         let c = completion(&s, 0, 1, Op::Read, 512);
         assert_eq!(c.complete(513).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(rx.try_recv(), Ok((0, -libc::EIO)));
+        assert_eq!(taken(&s), [(0, -libc::EIO)]);
         let c = completion(&s, 1, 1, Op::Write, 512);
         drop(c);
-        assert_eq!(rx.try_recv(), Ok((1, -libc::EIO)));
+        assert_eq!(taken(&s), [(1, -libc::EIO)]);
     }
 }

@@ -41,6 +41,7 @@ mod io;
 mod lease;
 pub mod nbd;
 pub mod mode;
+mod posted;
 mod queue;
 mod signals;
 mod slab;

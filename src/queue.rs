@@ -10,7 +10,6 @@ use crate::lease::Leases;
 use crate::mode::DataMode;
 use crate::sys;
 use crate::target::Target;
-use crossbeam_channel::Receiver;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -297,7 +296,6 @@ impl QueueCore {
 pub(crate) struct Queue {
     core: QueueCore,
     target: Box<dyn Target>,
-    rx: Receiver<(u16, i32)>,
 }
 
 fn set_affinity(cpus: &[usize]) {
@@ -367,11 +365,10 @@ impl Queue {
         if efd < 0 {
             return Err(Error::last_os("cannot create an eventfd"));
         }
-        let (tx, rx) = crossbeam_channel::unbounded();
         let shared = Arc::new(QueueShared {
             q_id: s.q_id,
             tags: (0..s.depth).map(|_| std::sync::atomic::AtomicU64::new(PHASE_KERNEL)).collect(),
-            tx,
+            posted: crate::posted::Posted::new(s.depth),
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -407,7 +404,7 @@ impl Queue {
             core.io_cmd(sys::UBLK_U_IO_FETCH_REQ, tag, 0);
         }
         core.ring.submit().map_err(|e| Error::from_io(e, format!("queue {}: submitting FETCH failed", s.q_id)))?;
-        Ok((Queue { core, target, rx }, shared))
+        Ok((Queue { core, target }, shared))
     }
 
     fn done(&self) -> bool {
@@ -453,9 +450,9 @@ impl Queue {
     /// (workers on other CPUs that finish while it serves the ring).
     fn before_sleep(&mut self) {
         self.core.shared.may_sleep();
-        while let Ok((tag, res)) = self.rx.try_recv() {
-            self.core.commit(tag, res);
-        }
+        let c = &mut self.core;
+        let shared = c.shared.clone();
+        shared.posted.take(|tag, res| c.commit(tag, res));
     }
 
     /// Cancels the armed eventfd read and reaps it, so the ring never holds
