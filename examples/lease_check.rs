@@ -289,14 +289,7 @@ fn main() -> ExitCode {
     let _ = std::fs::remove_file(&scratch_path); // kept open; gone at exit
     let shared = Arc::new(Shared { phase: AtomicU32::new(IDLE), obs: Mutex::new(Obs::default()), zero, scratch, wronly });
 
-    let cfg = DeviceConfig {
-        size: DEV_SIZE,
-        queues: 1,
-        depth: 4,
-        zero_copy: mode,
-        target_name: "lease_check".into(),
-        ..Default::default()
-    };
+    let cfg = DeviceConfig { size: DEV_SIZE, queues: 1, depth: 4, zero_copy: mode, target_name: "lease_check".into(), ..Default::default() };
     let mut dev = match Device::new(cfg) {
         Ok(d) => d,
         Err(e) => return setup_err(&format!("creating a device in mode {mode}"), e),

@@ -152,7 +152,16 @@ impl Target for NetTarget {
     fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, _data: u32, res: i32) {
         let ok = res == 1 && self.acks[tag as usize] == 0;
         let len = ctx.request_range(tag).map_or(0, |(_, l)| l as i32);
-        let _ = ctx.complete(tag, if ok { len } else if res < 0 { res } else { -libc::EIO });
+        let _ = ctx.complete(
+            tag,
+            if ok {
+                len
+            } else if res < 0 {
+                res
+            } else {
+                -libc::EIO
+            },
+        );
     }
 }
 
@@ -194,7 +203,10 @@ fn main() {
             theirs.push(b);
         }
         let st = store.clone();
-        std::thread::Builder::new().name(format!("netdisk-remote{}", q.queue_id)).spawn(move || remote(theirs, st)).map_err(|e| ublk::Error::from_io(e, "spawn"))?;
+        std::thread::Builder::new()
+            .name(format!("netdisk-remote{}", q.queue_id))
+            .spawn(move || remote(theirs, st))
+            .map_err(|e| ublk::Error::from_io(e, "spawn"))?;
         Ok(Box::new(NetTarget { socks: mine, acks: vec![0u8; q.depth as usize].into_boxed_slice(), writing: vec![false; q.depth as usize] }))
     });
     if let Err(e) = dev.start(factory) {

@@ -172,10 +172,7 @@ fn main() {
     let pool: Vec<_> = (0..workers)
         .map(|i| {
             let (rx, store, counters) = (rx.clone(), store.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name(format!("pool-{i}"))
-                .spawn(move || worker(i, rx, store, counters, delay_us))
-                .expect("spawn a worker")
+            std::thread::Builder::new().name(format!("pool-{i}")).spawn(move || worker(i, rx, store, counters, delay_us)).expect("spawn a worker")
         })
         .collect();
     drop(rx);

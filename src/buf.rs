@@ -32,14 +32,7 @@ impl AnonMap {
         let len = sys::round_up(len.max(1), page_size());
         // SAFETY: anonymous mapping, no fd, kernel picks the address.
         let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1, 0)
         };
         if p == libc::MAP_FAILED {
             return Err(Error::last_os(format!("cannot map {len} bytes of memory")));
@@ -109,16 +102,7 @@ impl DescArray {
         let off = sys::UBLKSRV_CMD_BUF_OFFSET as usize + q_id as usize * sys::desc_queue_stride(ps);
         // SAFETY: maps the kernel's descriptor array read-only and shared; the
         // length and offset follow the driver's rules.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                char_fd,
-                off as libc::off_t,
-            )
-        };
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED | libc::MAP_POPULATE, char_fd, off as libc::off_t) };
         if p == libc::MAP_FAILED {
             return Err(Error::last_os(format!("cannot mmap the descriptors of queue {q_id}")));
         }

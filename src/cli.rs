@@ -72,9 +72,7 @@ pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
             Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
             _ => (flag.as_str(), None),
         };
-        let mut value = || -> Result<String, String> {
-            inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| format!("{flag} needs a value"))
-        };
+        let mut value = || -> Result<String, String> { inline.clone().or_else(|| it.next().cloned()).ok_or_else(|| format!("{flag} needs a value")) };
         match flag {
             "--queues" | "-q" => a.cfg.queues = parse_num(flag, &value()?)?,
             "--depth" | "-d" => a.cfg.depth = parse_num(flag, &value()?)?,
@@ -118,7 +116,6 @@ pub fn parse_add(args: &[String]) -> Result<AddArgs, String> {
     }
     Ok(a)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -308,7 +308,6 @@ impl DeviceConfig {
     }
 }
 
-
 /// Prefix of the target's own entries in the state file.
 const ARG_PREFIX: &str = "arg.";
 
@@ -340,9 +339,7 @@ impl DeviceConfig {
         s.set("read_only", flag(self.read_only));
         s.set("rotational", flag(self.rotational));
         s.set("volatile_cache", flag(self.volatile_cache));
-        let discard = self.discard.map_or("none".to_string(), |d| {
-            format!("{},{},{}", d.granularity, d.max_discard_sectors, d.max_write_zeroes_sectors)
-        });
+        let discard = self.discard.map_or("none".to_string(), |d| format!("{},{},{}", d.granularity, d.max_discard_sectors, d.max_write_zeroes_sectors));
         s.set("discard", discard);
         s.set("zero_copy", self.zero_copy.name());
         s.set("needs_buffer", flag(self.needs_buffer));
@@ -360,7 +357,10 @@ impl DeviceConfig {
         let discard = match s.get("discard") {
             None | Some("none") => None,
             Some(v) => {
-                let n: Vec<u32> = v.split(',').map(|x| x.parse()).collect::<std::result::Result<_, _>>()
+                let n: Vec<u32> = v
+                    .split(',')
+                    .map(|x| x.parse())
+                    .collect::<std::result::Result<_, _>>()
                     .map_err(|_| Error::inval(format!("the state file's 'discard' is invalid: '{v}'")))?;
                 match n[..] {
                     [g, d, w] => Some(DiscardLimits { granularity: g, max_discard_sectors: d, max_write_zeroes_sectors: w }),
@@ -369,8 +369,8 @@ impl DeviceConfig {
             }
         };
         let flags = s.get("flags").unwrap_or("0");
-        let flags = u64::from_str_radix(flags.trim_start_matches("0x"), 16)
-            .map_err(|_| Error::inval(format!("the state file's 'flags' is invalid: '{flags}'")))?;
+        let flags =
+            u64::from_str_radix(flags.trim_start_matches("0x"), 16).map_err(|_| Error::inval(format!("the state file's 'flags' is invalid: '{flags}'")))?;
         let cfg = DeviceConfig {
             dev_id: None,
             size: parse_field(s, "size")?,
@@ -387,11 +387,7 @@ impl DeviceConfig {
             needs_buffer: b("needs_buffer")?,
             flags,
             target_name: s.get("target").unwrap_or("custom").to_string(),
-            target_args: s
-                .entries
-                .iter()
-                .filter_map(|(k, v)| Some((k.strip_prefix(ARG_PREFIX)?.to_string(), v.clone())))
-                .collect(),
+            target_args: s.entries.iter().filter_map(|(k, v)| Some((k.strip_prefix(ARG_PREFIX)?.to_string(), v.clone()))).collect(),
             recovery: parse_field(s, "recovery")?,
             state_dir: crate::state::default_dir(),
             timeout: Duration::from_millis(parse_field(s, "timeout_ms")?),

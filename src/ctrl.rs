@@ -74,8 +74,7 @@ impl Ctrl {
         // cannot be confirmed finished: the kernel may still write to it.
         // Device commands of unprivileged devices (and GET_DEV_INFO2) start
         // it with the char-device path, checked by the kernel.
-        let with_path = op == sys::UBLK_U_CMD_GET_DEV_INFO2
-            || (self.unprivileged && op != sys::UBLK_U_CMD_ADD_DEV && op != sys::UBLK_U_CMD_GET_FEATURES);
+        let with_path = op == sys::UBLK_U_CMD_GET_DEV_INFO2 || (self.unprivileged && op != sys::UBLK_U_CMD_ADD_DEV && op != sys::UBLK_U_CMD_GET_FEATURES);
         let skip = if with_path { DEV_PATH_LEN } else { 0 };
         let mut buf = vec![0u8; skip];
         if with_path {
@@ -96,9 +95,8 @@ impl Ctrl {
         // SAFETY: ublksrv_ctrl_cmd is a 32-byte plain-data repr(C) struct; 80 >= 32.
         unsafe { std::ptr::write_unaligned(raw.as_mut_ptr() as *mut ublksrv_ctrl_cmd, cmd) };
         let opcode = if self.legacy { sys::legacy_opcode(op) } else { op };
-        let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
-            .build(4)
-            .map_err(|e| Error::from_io(e, format!("{name}: cannot create the control io_uring")))?;
+        let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
+            IoUring::builder().build(4).map_err(|e| Error::from_io(e, format!("{name}: cannot create the control io_uring")))?;
         let sqe = opcode::UringCmd80::new(types::Fd(self.file.as_raw_fd()), opcode).cmd(raw).build().user_data(1);
         // SAFETY: the SQE references `buf`, which outlives the command (leaked on timeout).
         unsafe { ring.submission().push(&sqe) }.map_err(|_| Error::new(libc::EBUSY, format!("{name}: control ring full")))?;
@@ -162,7 +160,8 @@ impl Ctrl {
             Err(e) if e.errno() == libc::EOPNOTSUPP || e.errno() == libc::EINVAL => {
                 // Before 6.5 there is no GET_FEATURES. Find out whether encoded
                 // opcodes work at all (6.4) so later commands can fall back.
-                let probe = self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(u32::MAX - 1), Payload::Out(&mut [0u8; 64]), DEFAULT_TIMEOUT);
+                let probe =
+                    self.command("GET_DEV_INFO", sys::UBLK_U_CMD_GET_DEV_INFO, Self::dev_cmd(u32::MAX - 1), Payload::Out(&mut [0u8; 64]), DEFAULT_TIMEOUT);
                 if matches!(&probe, Err(p) if p.errno() == libc::EOPNOTSUPP) {
                     self.legacy = true;
                 }
@@ -258,9 +257,7 @@ fn as_bytes_mut<T: Copy>(v: &mut T) -> &mut [u8] {
 /// Ids of the ublk devices that exist now (from sysfs), sorted.
 pub fn list_device_ids() -> Vec<u32> {
     let mut ids: Vec<u32> = std::fs::read_dir("/sys/class/ublk-char")
-        .map(|rd| {
-            rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok()).collect()
-        })
+        .map(|rd| rd.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("ublkc")?.parse().ok()).collect())
         .unwrap_or_default();
     ids.sort_unstable();
     ids

@@ -1,9 +1,9 @@
 //! Device lifecycle: add → params → queues fetching → start → serve → stop → delete.
 
+use crate::config::DeviceConfig;
 use crate::ctrl::Ctrl;
 use crate::error::{Error, Result};
 use crate::io::QueueShared;
-use crate::config::DeviceConfig;
 use crate::mode::DataMode;
 use crate::queue::{Queue, QueueSetup};
 use crate::state::StateFile;
@@ -25,10 +25,7 @@ pub fn data_mode_name(flags: u64) -> &'static str {
 
 /// Names of the set `UBLK_F_*` bits; unknown bits as `bit<N>`.
 pub fn feature_names(bits: u64) -> Vec<String> {
-    (0..64)
-        .filter(|i| bits & (1u64 << i) != 0)
-        .map(|i| sys::FEATURE_NAMES.get(i).map_or_else(|| format!("bit{i}"), |(_, n)| n.to_string()))
-        .collect()
+    (0..64).filter(|i| bits & (1u64 << i) != 0).map(|i| sys::FEATURE_NAMES.get(i).map_or_else(|| format!("bit{i}"), |(_, n)| n.to_string())).collect()
 }
 
 /// The `UBLK_F_*` bits of the running kernel.
@@ -168,10 +165,7 @@ impl Device {
         let want_flags = asked | mode.flags(features);
         let missing = asked & !features;
         if missing != 0 {
-            return Err(Error::new(
-                libc::EOPNOTSUPP,
-                format!("the running kernel lacks ublk features {}", feature_names(missing).join(", ")),
-            ));
+            return Err(Error::new(libc::EOPNOTSUPP, format!("the running kernel lacks ublk features {}", feature_names(missing).join(", "))));
         }
         let page = crate::buf::page_size() as u32;
         let mut info = ublksrv_ctrl_dev_info {
@@ -244,8 +238,7 @@ impl Device {
     /// EBUSY (a live server still serves it), ETIMEDOUT. A failure leaves the
     /// device as it was, for another try or `ublk del`.
     pub fn recover(dev_id: u32, state_dir: &Path) -> Result<Device> {
-        let state = StateFile::load(state_dir, dev_id)
-            .map_err(|e| e.context(format!("device {dev_id} cannot be recovered without its state file")))?;
+        let state = StateFile::load(state_dir, dev_id).map_err(|e| e.context(format!("device {dev_id} cannot be recovered without its state file")))?;
         let mut cfg = DeviceConfig::from_state(&state)?;
         cfg.dev_id = Some(dev_id);
         cfg.state_dir = state_dir.to_path_buf();
@@ -261,9 +254,7 @@ impl Device {
             }
             match info.state {
                 sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => break info,
-                sys::UBLK_S_DEV_DEAD => {
-                    return Err(Error::new(libc::ENODEV, format!("device {dev_id} is stopped (DEAD): nothing to recover; delete it")))
-                }
+                sys::UBLK_S_DEV_DEAD => return Err(Error::new(libc::ENODEV, format!("device {dev_id} is stopped (DEAD): nothing to recover; delete it"))),
                 _ if Instant::now() >= deadline => {
                     return Err(Error::new(
                         libc::EBUSY,

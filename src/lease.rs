@@ -254,11 +254,8 @@ impl QueueCore {
         let mut raw = [0u8; 16];
         // SAFETY: ublksrv_io_cmd is 16 bytes of plain data.
         unsafe { std::ptr::write_unaligned(raw.as_mut_ptr() as *mut sys::ublksrv_io_cmd, cmd) };
-        let e = self
-            .char_cmd(cmd_op, raw)
-            .build()
-            .flags(squeue::Flags::SKIP_SUCCESS)
-            .user_data(crate::queue::user_data(crate::queue::KIND_BUFCMD, tag, cmd_op));
+        let e =
+            self.char_cmd(cmd_op, raw).build().flags(squeue::Flags::SKIP_SUCCESS).user_data(crate::queue::user_data(crate::queue::KIND_BUFCMD, tag, cmd_op));
         self.push(e)
     }
 

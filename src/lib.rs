@@ -29,7 +29,6 @@ macro_rules! on_fd {
     };
 }
 
-pub mod sys;
 mod buf;
 pub mod cli;
 mod config;
@@ -39,14 +38,15 @@ mod error;
 pub mod ffi;
 mod io;
 mod lease;
-pub mod nbd;
 pub mod mode;
+pub mod nbd;
 mod posted;
 mod queue;
 mod signals;
 mod slab;
 pub mod state;
 mod stats;
+pub mod sys;
 mod target;
 pub mod targets;
 

@@ -69,8 +69,7 @@ pub enum DataMode {
 }
 
 /// `UBLK_F_*` bits that select a data mode; set through `ZeroCopy`, never by hand.
-pub(crate) const MODE_FLAGS: u64 =
-    sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY | sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_NEED_GET_DATA;
+pub(crate) const MODE_FLAGS: u64 = sys::UBLK_F_SUPPORT_ZERO_COPY | sys::UBLK_F_USER_COPY | sys::UBLK_F_AUTO_BUF_REG | sys::UBLK_F_NEED_GET_DATA;
 
 impl DataMode {
     pub fn name(self) -> &'static str {
@@ -132,9 +131,7 @@ impl fmt::Display for DataMode {
 pub fn resolve(want: ZeroCopy, kernel: u64, needs_buffer: bool, unprivileged: bool) -> Result<DataMode> {
     let need = |bit: u64, mode: DataMode| -> Result<DataMode> {
         if needs_buffer {
-            return Err(Error::inval(format!(
-                "data mode {mode}: this target reads and writes request data in memory, which only copy mode allows"
-            )));
+            return Err(Error::inval(format!("data mode {mode}: this target reads and writes request data in memory, which only copy mode allows")));
         }
         if unprivileged {
             return Err(Error::new(libc::EPERM, format!("data mode {mode} is not allowed for unprivileged devices (copy only)")));

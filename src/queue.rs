@@ -316,12 +316,7 @@ fn set_affinity(cpus: &[usize]) {
 const FILE_SLOTS: u32 = 16;
 
 fn new_ring(entries: u32) -> Result<IoUring> {
-    let fast = IoUring::builder()
-        .setup_single_issuer()
-        .setup_defer_taskrun()
-        .setup_coop_taskrun()
-        .setup_cqsize(entries * 2)
-        .build(entries);
+    let fast = IoUring::builder().setup_single_issuer().setup_defer_taskrun().setup_coop_taskrun().setup_cqsize(entries * 2).build(entries);
     match fast {
         Ok(r) => Ok(r),
         Err(_) => IoUring::builder().setup_cqsize(entries * 2).build(entries).map_err(|e| Error::from_io(e, "cannot create the queue io_uring")),

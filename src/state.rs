@@ -51,11 +51,7 @@ impl StateFile {
     }
 
     pub fn parse(text: &str) -> StateFile {
-        let entries = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .map(|(k, v)| (k.trim().to_string(), unescape(v)))
-            .collect();
+        let entries = text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_string(), unescape(v))).collect();
         StateFile { entries }
     }
 

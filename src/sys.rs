@@ -217,10 +217,7 @@ pub const UBLK_AUTO_BUF_REG_FALLBACK: u8 = 1 << 0;
 
 impl ublk_auto_buf_reg {
     pub fn to_sqe_addr(&self) -> u64 {
-        self.index as u64
-            | (self.flags as u64) << 16
-            | (self.reserved0 as u64) << 24
-            | (self.reserved1 as u64) << 32
+        self.index as u64 | (self.flags as u64) << 16 | (self.reserved0 as u64) << 24 | (self.reserved1 as u64) << 32
     }
 }
 

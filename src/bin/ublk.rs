@@ -5,11 +5,11 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use ublk::cli::{format_size, parse_add, AddArgs};
 use ublk::ctrl::{list_device_ids, Ctrl};
 use ublk::state::{StateFile, DEFAULT_STATE_DIR};
 use ublk::targets::nbd::NbdConfig;
 use ublk::targets::{LoopBacking, LoopTarget, MemStore, MemTarget, NullTarget};
-use ublk::cli::{format_size, parse_add, AddArgs};
 use ublk::{Device, DeviceConfig, DiscardLimits, Error, QueueInfo, Recovery, Target, TargetFactory, ZeroCopy};
 
 const USAGE: &str = "\
@@ -151,9 +151,7 @@ fn prepare(a: &mut AddArgs) -> Result<TargetFactory, Fail> {
             a.cfg.physical_block_size = a.cfg.physical_block_size.max(a.cfg.logical_block_size);
             let lbs = a.cfg.logical_block_size as u64;
             a.cfg.size = match a.size {
-                Some(s) if s > b.size() => {
-                    return Err(Fail::Usage(format!("--size {s} is larger than {} ({} bytes)", file.display(), b.size())))
-                }
+                Some(s) if s > b.size() => return Err(Fail::Usage(format!("--size {s} is larger than {} ({} bytes)", file.display(), b.size()))),
                 Some(s) => s,
                 None => b.size() / lbs * lbs,
             };
@@ -196,7 +194,10 @@ fn recovery_factory(id: u32, cfg: &DeviceConfig) -> Result<TargetFactory, Error>
             let n = NbdConfig::from_device(cfg).map_err(|e| e.context(format!("device {id}")))?;
             let export = n.probe()?;
             if export.size < cfg.size {
-                return Err(Error::new(libc::EIO, format!("device {id}: the NBD export is now smaller ({} bytes) than the device ({} bytes)", export.size, cfg.size)));
+                return Err(Error::new(
+                    libc::EIO,
+                    format!("device {id}: the NBD export is now smaller ({} bytes) than the device ({} bytes)", export.size, cfg.size),
+                ));
             }
             Ok(n.factory(export))
         }
@@ -238,9 +239,7 @@ fn cmd_recover(args: &[String]) -> Result<(), Fail> {
             "--foreground" => foreground = true,
             "--state-dir" => state_dir = PathBuf::from(it.next().ok_or_else(|| Fail::Usage("--state-dir needs a value".into()))?),
             s if s.starts_with("--state-dir=") => state_dir = PathBuf::from(&s["--state-dir=".len()..]),
-            s if id.is_none() && !s.starts_with('-') => {
-                id = Some(s.parse::<u32>().map_err(|_| Fail::Usage(format!("recover: invalid device id `{s}`")))?)
-            }
+            s if id.is_none() && !s.starts_with('-') => id = Some(s.parse::<u32>().map_err(|_| Fail::Usage(format!("recover: invalid device id `{s}`")))?),
             s => return Err(Fail::Usage(format!("recover: unexpected argument `{s}`"))),
         }
     }
@@ -350,11 +349,7 @@ fn log_stats(dev: &Device) {
         copied += s.copied_bytes;
         leases += s.lease_ops;
     }
-    eprintln!(
-        "ublk: device {} stopped: mode={} ios={ios} bytes={bytes} errors={errors} copied_bytes={copied} lease_ops={leases}",
-        dev.id(),
-        dev.data_mode()
-    );
+    eprintln!("ublk: device {} stopped: mode={} ios={ios} bytes={bytes} errors={errors} copied_bytes={copied} lease_ops={leases}", dev.id(), dev.data_mode());
 }
 
 fn state_name(s: u16) -> &'static str {

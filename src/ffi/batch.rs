@@ -42,14 +42,7 @@ pub struct ublk_io_batch_entry {
 
 impl ublk_io_batch_entry {
     pub(crate) fn new(io: *mut ublk_io, req: &Request, q_id: u16) -> ublk_io_batch_entry {
-        ublk_io_batch_entry {
-            io,
-            buf: data_buf(req),
-            desc: desc_of(req, q_id),
-            result: UBLK_BATCH_PENDING,
-            lease_fd: -1,
-            lease_file_off: 0,
-        }
+        ublk_io_batch_entry { io, buf: data_buf(req), desc: desc_of(req, q_id), result: UBLK_BATCH_PENDING, lease_fd: -1, lease_file_off: 0 }
     }
 }
 

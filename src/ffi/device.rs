@@ -577,14 +577,16 @@ pub extern "C" fn ublk_dev_queue_stats(dev: *const ublk_dev, queue_id: u16, out:
         let q = d.shared.queues.get(queue_id as usize).ok_or_else(|| Error::inval(format!("no queue {queue_id}")))?;
         let s = q.stats().or_else(|| d.stop.queue_stats(queue_id)).ok_or_else(|| Error::new(libc::EAGAIN, "queue not started"))?;
         // SAFETY: out is non-null and points to a ublk_queue_stats.
-        unsafe { out.write(ublk_queue_stats {
+        unsafe {
+            out.write(ublk_queue_stats {
                 ios: s.ios,
                 bytes: s.bytes,
                 errors: s.errors,
                 in_flight: s.in_flight,
                 copied_bytes: s.copied_bytes,
                 lease_ops: s.lease_ops,
-            }) };
+            })
+        };
         Ok(0)
     })
 }

@@ -489,12 +489,7 @@ fn submit_op(
     })
 }
 
-fn submit_backing(
-    io: *mut ublk_io,
-    cb: ublk_backing_cb,
-    user: *mut c_void,
-    f: impl FnOnce(&mut QueueCtx<'static>, u16, u32) -> crate::Result<()>,
-) -> c_int {
+fn submit_backing(io: *mut ublk_io, cb: ublk_backing_cb, user: *mut c_void, f: impl FnOnce(&mut QueueCtx<'static>, u16, u32) -> crate::Result<()>) -> c_int {
     submit_op(io, cb, user, false, f)
 }
 

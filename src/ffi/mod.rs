@@ -191,7 +191,6 @@ pub extern "C" fn ublk_features(out: *mut u64) -> c_int {
 /// a bit this library does not know. Static string. Any thread.
 #[no_mangle]
 pub extern "C" fn ublk_feature_name(bit: u32) -> *const c_char {
-    static NAMES: Lazy<Vec<CString>> =
-        Lazy::new(|| crate::sys::FEATURE_NAMES.iter().map(|(_, n)| CString::new(*n).unwrap_or_default()).collect());
+    static NAMES: Lazy<Vec<CString>> = Lazy::new(|| crate::sys::FEATURE_NAMES.iter().map(|(_, n)| CString::new(*n).unwrap_or_default()).collect());
     guard_or(std::ptr::null(), || NAMES.get(bit as usize).map(|c| c.as_ptr()))
 }

@@ -403,7 +403,10 @@ impl NbdQueue {
             }
             let (old, new) = (self.export, rc.export);
             if new.size < old.size || (new.has(proto::TFLAG_READ_ONLY) && !old.has(proto::TFLAG_READ_ONLY)) {
-                eprintln!("ublk nbd: {} conn {i}: the export changed (size {} -> {}, flags {:#x} -> {:#x}): not using it; retrying", self.label, old.size, new.size, old.flags, new.flags);
+                eprintln!(
+                    "ublk nbd: {} conn {i}: the export changed (size {} -> {}, flags {:#x} -> {:#x}): not using it; retrying",
+                    self.label, old.size, new.size, old.flags, new.flags
+                );
                 self.recon.start(i);
                 continue;
             }

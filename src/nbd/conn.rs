@@ -39,10 +39,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Connects to `ep` and negotiates the export; every step (resolution
 /// aside) is bounded by `timeout`. The socket is blocking, with TCP_NODELAY.
 pub fn connect(ep: &Endpoint, timeout: Duration) -> Result<(OwnedFd, Export)> {
-    let addrs: Vec<_> = (ep.host.as_str(), ep.port)
-        .to_socket_addrs()
-        .map_err(|e| Error::new(libc::ENXIO, format!("cannot resolve NBD host '{}': {e}", ep.host)))?
-        .collect();
+    let addrs: Vec<_> =
+        (ep.host.as_str(), ep.port).to_socket_addrs().map_err(|e| Error::new(libc::ENXIO, format!("cannot resolve NBD host '{}': {e}", ep.host)))?.collect();
     let mut last = Error::new(libc::ENXIO, format!("NBD host '{}' has no address", ep.host));
     for a in addrs {
         let s = match TcpStream::connect_timeout(&a, timeout) {
@@ -91,7 +89,15 @@ pub fn readable_bytes(fd: RawFd) -> usize {
 pub fn set_rcvlowat(fd: RawFd, n: u32) -> Result<()> {
     let v = n.min(i32::MAX as u32) as libc::c_int;
     // SAFETY: passes one int by pointer with its size.
-    let r = unsafe { libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, &v as *const libc::c_int as *const libc::c_void, std::mem::size_of::<libc::c_int>() as libc::socklen_t) };
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
     if r < 0 {
         return Err(Error::last_os("setsockopt SO_RCVLOWAT"));
     }

@@ -220,7 +220,13 @@ impl NbdQueue {
         let r = &mut self.reqs[tag];
         r.wire = false;
         r.conn = None;
-        r.result = Some(if r.err < 0 { r.err } else if r.has_data { r.len as i32 } else { 0 });
+        r.result = Some(if r.err < 0 {
+            r.err
+        } else if r.has_data {
+            r.len as i32
+        } else {
+            0
+        });
         let c = &mut self.conns[ci];
         c.on_wire -= 1;
         c.reads_on_wire -= r.read as u32;
