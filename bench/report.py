@@ -270,16 +270,19 @@ def write_md(path, rows, meta, png_name):
              (GOAL_MARK, GOAL_MARK))
     L.append("")
     L.append("What bounds the threadpool ratio here: every server thread runs on the one CPU of "
-             "the servers' cpuset (see server CPUs), so c-threadpool's queue thread and its "
-             "worker take turns on it, and each hand-over between them is a context switch "
-             "that c-ramdisk, completing inside the callback, does not pay. Context switches "
+             "the servers' cpuset (see server CPUs), so c-threadpool's queue thread and its one "
+             "worker take turns on it, and each hand-over between them (a futex wake-up, an "
+             "eventfd write, two context switches, about once per 25-40 requests at 4k QD64) is "
+             "work that c-ramdisk, completing inside the callback, does not do. Context switches "
              "per IO at 4k QD64 (the whole VM's, `tests/vm/run bench/ctxsw`): c-ramdisk "
-             "0.06-0.08, c-threadpool 0.12-0.15 with its one worker, 0.18-0.23 with `-t 2` "
-             "(two workers taking turns on one CPU; 0.67-0.73 of inline at 4k in eab808b's "
-             "run). The runs before 0e09ade (the kernel's mq-deadline on every ublk device) "
-             "stopped at 16-19k IOPS at 4k for every ublk server, a kblockd hop per request, "
-             "and the ratio was met there; with the I/O scheduler none the servers' own cost "
-             "per request decides.")
+             "0.06-0.08, c-threadpool 0.12-0.15 with its one worker, 0.18-0.23 with `-t 2`. "
+             "What a worker pays per request besides its copy was cut in d0f31db (CPU time of "
+             "the worker thread, 4k randread QD64, one VM run each): `ublk_io_complete_batch` "
+             "2.3-2.5 us per request with the channel that carried completions to the queue "
+             "thread, 1.7 us with the per-tag result slots and bitmap that replaced it (most of "
+             "what is left is the one eventfd write per hand-over), and no accessor calls (the "
+             "pool takes each request's description from its batch entry, on the queue thread). "
+             "The full runs before it gave 0.77-0.80 at 4k.")
     L.append("")
     cmet, cwant = ratio_table(L, idx, cols, C_RATIOS, goal_col=True)
 
