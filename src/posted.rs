@@ -6,8 +6,10 @@
 //! is a bitmap. Posting is a store and one atomic OR, with no allocation and
 //! no lock; the queue thread takes a whole word of posted tags with one swap.
 //! (Until this module a crossbeam channel carried `(tag, result)`: an
-//! allocation every 31 messages and several atomic operations on each side,
-//! about 2 us per completion on the emulated CPUs of the test VM.)
+//! allocation every 31 messages and several atomic operations on each side.
+//! On the test VM's emulated CPUs a worker's `ublk_io_complete_batch` took
+//! 2.3-2.5 us per request with it, 1.7 us with this, the eventfd write once
+//! per batch included.)
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 

@@ -1,7 +1,8 @@
 //! The queue engine: one thread and one io_uring per queue. It FETCHes every
 //! tag, hands each request to the target, submits the target's backing IO on
 //! the same ring, and COMMIT_AND_FETCHes results, whether they come inline or
-//! from other threads (through a channel and an eventfd read armed on the ring).
+//! from other threads (posted per tag, see `posted`, with an eventfd read armed
+//! on the ring to wake the thread).
 
 use crate::buf::{DescArray, TagBuffers};
 use crate::error::{Error, Result};
