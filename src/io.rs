@@ -338,13 +338,6 @@ mod tests {
         Arc::new(s)
     }
 
-    /// What was posted, as the queue thread takes it.
-    fn taken(s: &QueueShared) -> Vec<(u16, i32)> {
-        let mut v = Vec::new();
-        s.posted.take(|t, r| v.push((t, r)));
-        v
-    }
-
     fn completion(s: &Arc<QueueShared>, tag: u16, seq: u64, op: Op, len: u32) -> Completion {
         s.tags[tag as usize].store(seq << 2 | PHASE_TARGET, Ordering::Release);
         let req = Request { tag, q_id: 0, op, flags: IoFlags(0), offset: 0, len, buf: s._bufs.get(tag), seq };
@@ -369,7 +362,7 @@ mod tests {
         let mut c = completion(&s, 2, 7, Op::Read, 4096);
         assert_eq!(c.buf().len(), 4096);
         std::thread::spawn(move || c.complete(4096).unwrap()).join().unwrap();
-        assert_eq!(taken(&s), [(2, 4096)]);
+        assert_eq!(s.posted.take_all(), [(2, 4096)]);
         // the eventfd was written once
         let mut v = 0u64;
         // SAFETY: reads 8 bytes into a local.
@@ -395,7 +388,7 @@ mod tests {
         s.awake();
         let c = completion(&s, 1, 1, Op::Write, 512);
         std::thread::spawn(move || c.complete(512).unwrap()).join().unwrap();
-        assert_eq!(taken(&s), [(1, 512)]);
+        assert_eq!(s.posted.take_all(), [(1, 512)]);
         assert_eq!(take_wakes(&s), 0);
         // once the queue may sleep, the next completion wakes it
         s.may_sleep();
@@ -435,7 +428,10 @@ mod tests {
         let mut got = 0;
         while got < 3 * PER_THREAD {
             s.may_sleep();
-            got += s.posted.take(|tag, _| busy[tag as usize].store(false, Ordering::Release)) as u32;
+            for (tag, _) in s.posted.take_all() {
+                busy[tag as usize].store(false, Ordering::Release);
+                got += 1;
+            }
             if got == 3 * PER_THREAD {
                 break;
             }
@@ -462,7 +458,7 @@ mod tests {
         s.tags[1].store(4 << 2 | PHASE_TARGET, Ordering::Release);
         assert_eq!(s.claim(1, 3).unwrap_err().errno(), libc::ESTALE);
         assert_eq!(s.claim(9, 0).unwrap_err().errno(), libc::EINVAL);
-        assert!(taken(&s).is_empty());
+        assert!(s.posted.take_all().is_empty());
     }
 
     #[test]
@@ -470,9 +466,9 @@ mod tests {
         let s = shared(2);
         let c = completion(&s, 0, 1, Op::Read, 512);
         assert_eq!(c.complete(513).unwrap_err().errno(), libc::EINVAL);
-        assert_eq!(taken(&s), [(0, -libc::EIO)]);
+        assert_eq!(s.posted.take_all(), [(0, -libc::EIO)]);
         let c = completion(&s, 1, 1, Op::Write, 512);
         drop(c);
-        assert_eq!(taken(&s), [(1, -libc::EIO)]);
+        assert_eq!(s.posted.take_all(), [(1, -libc::EIO)]);
     }
 }

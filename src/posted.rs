@@ -35,25 +35,44 @@ impl Posted {
         word.fetch_or(1 << (t % 64), Ordering::Release);
     }
 
-    /// Calls `f(tag, result)` for every posted completion (on the queue
-    /// thread only), and gives how many there were.
-    pub fn take(&self, mut f: impl FnMut(u16, i32)) -> usize {
-        let mut n = 0;
-        for (w, word) in self.bits.iter().enumerate() {
-            if word.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            let mut m = word.swap(0, Ordering::Acquire);
-            while m != 0 {
-                let b = m.trailing_zeros() as usize;
-                m &= m - 1;
-                let tag = w * 64 + b;
-                f(tag as u16, self.results[tag].load(Ordering::Relaxed));
-                n += 1;
-            }
-        }
-        n
+    /// How many words of posted tags there are (`take_word`'s range).
+    pub fn words(&self) -> usize {
+        self.bits.len()
     }
+
+    /// Takes word `w` of posted tags (bit `b`: tag `w * 64 + b`, see
+    /// [`tags`]), leaving it empty; on the queue thread only. Taking and
+    /// committing go word by word so that the queue thread, which owns this
+    /// through its `Arc<QueueShared>`, can commit between the calls.
+    pub fn take_word(&self, w: usize) -> u64 {
+        let word = &self.bits[w];
+        if word.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        word.swap(0, Ordering::Acquire)
+    }
+
+    /// The result posted for `tag`, once `take_word` gave its bit.
+    pub fn result(&self, tag: u16) -> i32 {
+        self.results[tag as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every posted completion, taken.
+    #[cfg(test)]
+    pub fn take_all(&self) -> Vec<(u16, i32)> {
+        (0..self.words()).flat_map(|w| tags(w, self.take_word(w))).map(|t| (t, self.result(t))).collect()
+    }
+}
+
+/// The tags of word `w` of posted tags with bits `m`, lowest first.
+pub(crate) fn tags(w: usize, mut m: u64) -> impl Iterator<Item = u16> {
+    std::iter::from_fn(move || {
+        (m != 0).then(|| {
+            let b = m.trailing_zeros() as usize;
+            m &= m - 1;
+            (w * 64 + b) as u16
+        })
+    })
 }
 
 #[cfg(test)]
@@ -61,25 +80,19 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    fn all(p: &Posted) -> Vec<(u16, i32)> {
-        let mut v = Vec::new();
-        p.take(|t, r| v.push((t, r)));
-        v
-    }
-
     #[test]
     fn posts_are_taken_once_in_tag_order() {
         let p = Posted::new(130);
-        assert!(all(&p).is_empty());
+        assert!(p.take_all().is_empty());
         p.post(129, -5);
         p.post(3, 4096);
         p.post(64, 0);
         p.post(130, 1); // past the depth: ignored
-        assert_eq!(all(&p), vec![(3, 4096), (64, 0), (129, -5)]);
-        assert!(all(&p).is_empty());
+        assert_eq!(p.take_all(), vec![(3, 4096), (64, 0), (129, -5)]);
+        assert!(p.take_all().is_empty());
         // a tag is posted again once taken (its next request)
         p.post(3, 512);
-        assert_eq!(all(&p), vec![(3, 512)]);
+        assert_eq!(p.take_all(), vec![(3, 512)]);
     }
 
     #[test]
@@ -108,11 +121,12 @@ mod tests {
         let mut seen = vec![0i32; 64];
         let mut total = 0;
         while total < 64 * ROUNDS as usize {
-            total += p.take(|tag, res| {
+            for (tag, res) in p.take_all() {
                 assert_eq!(res, seen[tag as usize] + 1, "tag {tag}: results out of order or lost");
                 seen[tag as usize] = res;
                 pending[tag as usize].store(0, Ordering::Release);
-            });
+                total += 1;
+            }
         }
         for t in threads {
             t.join().unwrap();

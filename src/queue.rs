@@ -447,8 +447,12 @@ impl Queue {
     fn before_sleep(&mut self) {
         self.core.shared.may_sleep();
         let c = &mut self.core;
-        let shared = c.shared.clone();
-        shared.posted.take(|tag, res| c.commit(tag, res));
+        for w in 0..c.shared.posted.words() {
+            for tag in crate::posted::tags(w, c.shared.posted.take_word(w)) {
+                let res = c.shared.posted.result(tag);
+                c.commit(tag, res);
+            }
+        }
     }
 
     /// Cancels the armed eventfd read and reaps it, so the ring never holds
