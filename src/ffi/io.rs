@@ -100,10 +100,14 @@ fn with_ctx<R>(ctx: &mut QueueCtx<'_>, q: &Arc<FfiQueue>, f: impl FnOnce() -> R)
     // thread, while `ctx` is still mutably borrowed here; the previous value
     // is restored before returning, so it never outlives the borrow.
     let p = ctx as *mut QueueCtx<'_> as *mut QueueCtx<'static>;
-    let prev = CURRENT.with(|c| c.replace((p, Arc::as_ptr(q))));
-    let r = f();
-    CURRENT.with(|c| c.set(prev));
-    r
+    // (one lookup of the thread-local for both accesses: in a shared library
+    // each one is a call)
+    CURRENT.with(|c| {
+        let prev = c.replace((p, Arc::as_ptr(q)));
+        let r = f();
+        c.set(prev);
+        r
+    })
 }
 
 /// The current context if this thread is inside a callback of `q`'s queue.
@@ -163,6 +167,9 @@ impl FfiTarget {
             Op::Write => UBLK_MAP_WRITE,
             _ => return false,
         };
+        if self.routes.unmapped(&self.dev.routes) {
+            return false; // (the usual case, checked inline: one atomic load)
+        }
         for fd in self.routes.refresh(&self.dev.routes) {
             let _ = ctx.unregister_fd(fd);
         }

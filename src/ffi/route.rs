@@ -146,6 +146,12 @@ pub(crate) struct QueueRoutes {
 }
 
 impl QueueRoutes {
+    /// Nothing is mapped and the table did not change since the snapshot.
+    #[inline]
+    pub fn unmapped(&self, routes: &Routes) -> bool {
+        self.table.extents.is_empty() && routes.generation() == self.gen
+    }
+
     /// Takes a new snapshot if the table changed; gives the fds this queue
     /// registered that no extent uses any more (to unregister).
     pub fn refresh(&mut self, routes: &Routes) -> Vec<RawFd> {
