@@ -695,10 +695,13 @@ def write_png(path, rows, meta):
         ratio_panel(fig.add_subplot(gs[row, 1]), idx, columns(["randwrite"]), MIRROR_RATIOS,
                     "C mirror writes / single loop writes, same mode", "IOPS ratio", cap=4,
                     ncol=2, fontsize=8, headroom=1.8)
-    rounds = int(meta.get("rounds", 1) or 1) * int(meta.get("reps", 1) or 1)
+    nr = int(meta.get("rounds", 1) or 1)
+    rounds = nr * int(meta.get("reps", 1) or 1)
+    more = sorted(set(nr * int(n) for n in (meta.get("group_reps") or {}).values()) - {rounds})
+    best = "/".join(str(n) for n in [rounds] + more)
     fig.suptitle("fio io_uring direct, 1 job — kernel %s, %s-vCPU VM guest, %s s runs%s, %s"
                  % (meta.get("kernel", "?"), meta.get("cpus", "?"), meta.get("runtime_s", "?"),
-                    ", best of %d" % rounds if rounds > 1 else "",
+                    ", best of %s" % best if rounds > 1 or more else "",
                     (meta.get("date") or "?")[:10]), fontsize=13, y=1 - 0.225 / H)
     fig.savefig(path, dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

@@ -2,7 +2,7 @@
 counters (tab-separated files) into bench/results.json (one row a line) and
 bench/results-meta.json.  Arguments: see the unpacking of sys.argv below."""
 import datetime, json, os, sys
-(rows_f, fails_f, out, meta, runtime, kernel, fio, rublk, commit, ncpu, file_mb, repeat, reps, ublk, cex,
+(rows_f, fails_f, out, meta, runtime, kernel, fio, rublk, commit, ncpu, file_mb, repeat, reps, group_reps, ublk, cex,
  counters_f, leg_mb, chunk, rublk_zc, lat_us, fio_cpu, srv_cpus, sched, scheds_f) = sys.argv[1:]
 rows, by_key = [], {}
 for line in open(rows_f):
@@ -18,7 +18,9 @@ for line in open(rows_f):
          "bs": bs, "iodepth": int(qd), "iops": iops, "samples": [iops]}
     by_key[key] = r
     rows.append(r)
-if int(repeat) * int(reps) == 1:
+# the groups that ran another number of times than reps (BENCH_GROUP_REPS): "name:N ..."
+group_reps = {w.split(":")[0]: int(w.split(":")[1]) for w in group_reps.split()}
+if int(repeat) * max([int(reps)] + list(group_reps.values())) == 1:
     for r in rows:
         del r["samples"]
 # the servers' own counters, summed over the rounds, per engine/target
@@ -62,9 +64,12 @@ m = {
     "runtime_s": int(runtime),
     "rounds": int(repeat),
     "reps": int(reps),
+    "group_reps": group_reps,
     "grouping": "the devices that are compared are set up together and measured in turn at "
-                "each point, %s run(s) each, alternating the order; each figure is the best "
-                "of its runs (contention only ever slows a run down)" % reps,
+                "each point, %s run(s) each%s, alternating the order; each figure is the best "
+                "of its runs (contention only ever slows a run down)"
+                % (reps, " (%s)" % ", ".join("%s group: %d" % kv for kv in group_reps.items())
+                   if group_reps else ""),
     "sessions": "every server runs in its own session, as a daemon does: the CLI's and rublk's "
                 "detach with setsid, the foreground servers (C, Python, Go) are started with "
                 "setsid(1); with the kernel's autogroup scheduling a session is a CPU "
