@@ -275,8 +275,12 @@ def write_md(path, rows, meta, png_name):
              "thread 19-21 us, ours, 18-22 us, rublk's; io-wq worker 15-17 us, 15-18 us), the "
              "nulls' 0.4-1.2 us of 13-21 us. No work of the server's own "
              "can move these ratios by more than a few percent, less than their run-to-run "
-             "spread, so they show that our engine adds no cost and fall on either side of "
-             "1.00 by noise.")
+             "spread, so at 4k they fall on either side of 1.00 by noise. One exception is "
+             "open: in 4 of the 5 probe runs that measured it, our copy-mode loop had spells "
+             "in which an IO at 64k cost 2-5 times its usual CPU (mostly the io-wq worker's "
+             "copy; once 20 ms per IO at 512k reads), which rublk's copy-mode loop never "
+             "showed; the full runs do not show it (libublk loop / rublk loop at 64k above), "
+             "and its cause is not found yet.")
     L.append("")
     met, want = ratio_table(L, idx, cols, RATIOS, goal_col=False)
 
