@@ -275,12 +275,22 @@ def write_md(path, rows, meta, png_name):
              "thread 19-21 us, ours, 18-22 us, rublk's; io-wq worker 15-17 us, 15-18 us), the "
              "nulls' 0.4-1.2 us of 13-21 us. No work of the server's own "
              "can move these ratios by more than a few percent, less than their run-to-run "
-             "spread, so at 4k they fall on either side of 1.00 by noise. One exception is "
-             "open: in 4 of the 5 probe runs that measured it, our copy-mode loop had spells "
-             "in which an IO at 64k cost 2-5 times its usual CPU (mostly the io-wq worker's "
-             "copy; once 20 ms per IO at 512k reads), which rublk's copy-mode loop never "
-             "showed; the full runs do not show it (libublk loop / rublk loop at 64k above), "
-             "and its cause is not found yet.")
+             "spread, so at 4k they fall on either side of 1.00 by noise. One difference "
+             "was ours: in most probe runs our copy-mode loop had spells in which an IO at "
+             "64k cost up to 2-5 times its usual CPU (in the io-wq worker's copy or in the "
+             "driver's copy in the queue thread; once 20 ms per IO at 512k reads), which "
+             "rublk's copy-mode loop never showed. Our tag buffers were one 32 MiB mapping "
+             "per queue, which the guest (transparent huge pages: always) backed with 2 MiB "
+             "pages; rublk's are one allocation per tag, in small pages. No kernel memory "
+             "counter or kernel thread (compaction, khugepaged, DAMON) moved during the "
+             "spells, so the cost is in the copies themselves, likely the emulator's "
+             "address translation of huge pages. The tag buffers now ask for small pages "
+             "(MADV_NOHUGEPAGE, which also keeps a queue's resident memory to the pages its "
+             "IOs touch: VmRSS 3.8-5.6 MB per server, where the huge pages alone were 32 MiB); "
+             "in 6 probe rounds since "
+             "(bench/cpuio's order, 5 s per workload) our copy loop read 64k at 2462-3127 "
+             "IOPS, rublk's at 2723-3081 in the same rounds, against 2171, 3296 and 2245 "
+             "in 3 rounds before. The full run above predates this change.")
     L.append("")
     met, want = ratio_table(L, idx, cols, RATIOS, goal_col=False)
 
