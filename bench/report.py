@@ -290,7 +290,7 @@ def write_md(path, rows, meta, png_name):
              "in 6 probe rounds since "
              "(bench/cpuio's order, 5 s per workload) our copy loop read 64k at 2462-3127 "
              "IOPS, rublk's at 2723-3081 in the same rounds, against 2171, 3296 and 2245 "
-             "in 3 rounds before. The full run above predates this change.")
+             "in 3 rounds before.")
     L.append("")
     met, want = ratio_table(L, idx, cols, RATIOS, goal_col=False)
 
