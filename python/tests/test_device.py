@@ -326,6 +326,51 @@ def test_map_routes_reads_and_writes_past_python(backing):
         os.close(fd)
 
 
+@pytest.mark.parametrize("mode", ["auto", "copy"])
+def test_map_after_fd_reuse_reaches_the_new_file(mode):
+    """An fd unmapped, closed, and its number reused for another file that is
+    then mapped: requests go to the new file, not to the registration the
+    queue kept of the old one."""
+    size = 8 << 20
+    paths = []
+    for fill in (b"\x11", b"\x22"):
+        fd, path = tempfile.mkstemp(dir=WORK, prefix="pyublk-reuse-", suffix=".img")
+        os.write(fd, fill * size)
+        os.close(fd)
+        paths.append(path)
+    fd = os.open(paths[0], os.O_RDWR)
+    t = HalfMapped(size, fd)
+    t.file_below = size  # everything mapped: Python serves nothing here
+    try:
+        with pyublk.Device(t, size=size, depth=16, zero_copy=mode, needs_buffer=True) as dev:
+            dev.map(0, size, fd)
+            dev.start()
+            assert read_at(dev.path, 0) == b"\x11" * 4096
+            dev.unmap(0, size)
+            other = os.open(paths[1], os.O_RDWR)
+            os.dup2(other, fd)  # the same fd number now names the second file
+            os.close(other)
+            dev.map(0, size, fd)
+            assert read_at(dev.path, 4096) == b"\x22" * 4096, "a read went to the closed file"
+            wfd = os.open(dev.path, os.O_WRONLY | os.O_DIRECT)
+            buf = mmap.mmap(-1, 4096)
+            buf[:] = b"\x33" * 4096
+            assert os.pwritev(wfd, [buf], 8192) == 4096
+            os.close(wfd)
+            dev.stop()
+            assert dev.wait(30)
+        assert not t.seen, f"requests reached Python although all is mapped: {t.seen[:5]}"
+        with open(paths[1], "rb") as f:
+            f.seek(8192)
+            assert f.read(4096) == b"\x33" * 4096, "the write did not reach the new file"
+        with open(paths[0], "rb") as f:
+            assert f.read() == b"\x11" * size, "the closed file was written"
+    finally:
+        os.close(fd)
+        for path in paths:
+            os.unlink(path)
+
+
 class LeaseRules:
     """READ requests try a lease in the wrong direction and out of range."""
 

@@ -158,21 +158,30 @@ impl FfiTarget {
         Ok(FfiTarget { dev, q, batch, routes: Default::default() })
     }
 
+    /// Catches up with the route table if it changed (one atomic load when
+    /// it did not): drops the fds registered for the old table, which may
+    /// name other files by now (see `QueueRoutes::refresh`). Runs before
+    /// every callback, so no backing IO of the target goes to a stale
+    /// registration either.
+    fn sync_routes(&mut self, ctx: &mut QueueCtx<'_>) {
+        for fd in self.routes.refresh(&self.dev.routes) {
+            let _ = ctx.unregister_fd(fd);
+        }
+    }
+
     /// Lends a READ/WRITE request inside a mapped extent to its fd
     /// (`ublk_dev_map`); false when the request goes to the target.
+    /// After `sync_routes`.
     fn route(&mut self, ctx: &mut QueueCtx<'_>, io: &Io<'_>) -> bool {
         use super::route::{UBLK_MAP_READ, UBLK_MAP_WRITE};
+        if self.routes.is_empty() {
+            return false; // (the usual case)
+        }
         let need = match io.op() {
             Op::Read => UBLK_MAP_READ,
             Op::Write => UBLK_MAP_WRITE,
             _ => return false,
         };
-        if self.routes.unmapped(&self.dev.routes) {
-            return false; // (the usual case, checked inline: one atomic load)
-        }
-        for fd in self.routes.refresh(&self.dev.routes) {
-            let _ = ctx.unregister_fd(fd);
-        }
         let Some((fd, file_off)) = self.routes.lookup(io.offset(), io.len(), need) else { return false };
         if !self.routes.registered.contains(&fd) && ctx.core.fixed_slot(fd).is_none() && ctx.register_fd(fd).is_ok() {
             self.routes.registered.push(fd); // (one the target registered itself stays its own)
@@ -207,6 +216,7 @@ impl Target for FfiTarget {
         // SAFETY: only the queue thread writes `req`, and the tag is not held by
         // anyone now (a new request just arrived on it).
         unsafe { *(*p).req.get() = io.req };
+        self.sync_routes(ctx);
         if self.route(ctx, &io) {
             return;
         }
@@ -220,6 +230,7 @@ impl Target for FfiTarget {
     }
 
     fn backing_complete(&mut self, ctx: &mut QueueCtx<'_>, tag: u16, data: u32, res: i32) {
+        self.sync_routes(ctx);
         let p = self.q.pending.lock().take(data);
         match p {
             Some(Pending { cb: Some(cb), user, io }) => {
@@ -234,6 +245,7 @@ impl Target for FfiTarget {
 
     fn batch_end(&mut self, ctx: &mut QueueCtx<'_>) {
         let (Some(handle), false) = (self.dev.ops.handle_batch, self.batch.is_empty()) else { return };
+        self.sync_routes(ctx);
         let (ptr, n) = (self.batch.as_mut_ptr(), self.batch.len() as u32);
         // SAFETY: a C callback with the documented arguments; `batch` is not
         // touched until it returns.
@@ -246,6 +258,7 @@ impl Target for FfiTarget {
         if data == NO_CB {
             return;
         }
+        self.sync_routes(ctx);
         if let Some(Pending { cb: Some(cb), user, io }) = self.q.pending.lock().take(data) {
             // SAFETY: a C callback with the documented arguments.
             with_ctx(ctx, &self.q, || unsafe { cb(user, io, res) });

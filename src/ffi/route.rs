@@ -100,10 +100,6 @@ impl Table {
         (e.flags & need != 0 && off + len as u64 <= e.end()).then(|| (e.fd, e.file_off + (off - e.start)))
     }
 
-    /// Whether `fd` appears in any extent.
-    pub fn uses(&self, fd: RawFd) -> bool {
-        self.extents.iter().any(|e| e.fd == fd)
-    }
 }
 
 /// A device's table as its queues read it: a snapshot per change, and a
@@ -146,14 +142,13 @@ pub(crate) struct QueueRoutes {
 }
 
 impl QueueRoutes {
-    /// Nothing is mapped and the table did not change since the snapshot.
-    #[inline]
-    pub fn unmapped(&self, routes: &Routes) -> bool {
-        self.table.extents.is_empty() && routes.generation() == self.gen
-    }
-
-    /// Takes a new snapshot if the table changed; gives the fds this queue
-    /// registered that no extent uses any more (to unregister).
+    /// Takes a new snapshot if the table changed; then gives every fd this
+    /// queue registered for the old table, to unregister. Once the table
+    /// changed, a registered fd number may name another file: the caller may
+    /// close an unmapped fd and open another file at the same number, then
+    /// map that, and a registration kept by number would send its requests
+    /// to the closed file. So registrations start over after each change
+    /// (the fds still mapped are registered again by their next request).
     pub fn refresh(&mut self, routes: &Routes) -> Vec<RawFd> {
         if routes.generation() == self.gen {
             return Vec::new();
@@ -161,9 +156,13 @@ impl QueueRoutes {
         let (gen, table) = routes.snapshot();
         self.gen = gen;
         self.table = table;
-        let (keep, stale) = self.registered.iter().partition(|&&fd| self.table.uses(fd));
-        self.registered = keep;
-        stale
+        std::mem::take(&mut self.registered)
+    }
+
+    /// Nothing is mapped in this queue's snapshot.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.table.extents.is_empty()
     }
 
     pub fn lookup(&self, off: u64, len: u32, need: u32) -> Option<(RawFd, u64)> {
@@ -311,5 +310,25 @@ mod tests {
         assert_eq!(q.refresh(&r), vec![7]);
         assert!(q.registered.is_empty());
         assert_eq!(q.lookup(0, 512, UBLK_MAP_READ), None);
+    }
+
+    #[test]
+    fn queue_refresh_drops_fds_still_mapped() {
+        // fd 7 unmapped, closed, another file opened at 7 and mapped: the
+        // registration of the old file must not survive the change
+        let r = Routes::default();
+        let mut q = QueueRoutes::default();
+        r.change(|t| t.map(x(0, 4096, 7, 0))).unwrap();
+        assert!(q.refresh(&r).is_empty());
+        q.registered.push(7);
+        r.change(|t| {
+            t.unmap(0, 4096);
+            t.map(x(0, 4096, 7, 0))
+        })
+        .unwrap();
+        assert_eq!(q.refresh(&r), vec![7]);
+        assert!(q.registered.is_empty());
+        assert_eq!(q.lookup(0, 512, UBLK_MAP_READ), Some((7, 0)));
+        assert!(q.refresh(&r).is_empty(), "no change, nothing to drop");
     }
 }
