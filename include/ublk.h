@@ -593,12 +593,22 @@ int ublk_dev_queue_stats(const struct ublk_dev *dev,
 
 /**
  * Completes the request with `result`: bytes done for READ/WRITE (at most
- * `ublk_io_len`), 0 for other ops, or a negative errno. Inside a callback or
- * later from any thread; the engine wakes the queue itself.
+ * `ublk_io_len`; 0 fails the request with EIO, as the block layer would
+ * retry a zero-byte transfer forever; fewer than `ublk_io_len` only for a
+ * READ in copy mode, where the kernel asks again for the rest: in the other
+ * data modes and for a WRITE the kernel would take the whole request as
+ * done, so such a result fails it with EIO and gives -EINVAL), 0 for other
+ * ops, or a negative errno.
+ * Inside a callback or later from any thread; the engine wakes the queue
+ * itself. While lease operations on the request are in flight the
+ * completion waits for them, and one that fails then fails the request
+ * (see `ublk_io_lease_manual`). After this call the handle may carry the
+ * tag's next request: keep none after completing (a second call then
+ * gives -EALREADY only until that next request arrives).
  * Returns 0, or: -EALREADY (already completed), -ESTALE (the handle now
  * carries no request of yours), -ESHUTDOWN (the device stopped serving),
- * -EINVAL (NULL/invalid handle; or result > length: the request is then
- * failed with EIO).
+ * -EINVAL (NULL/invalid handle; or result > length, or a partial result
+ * the data mode cannot express: the request is then failed with EIO).
  */
 int ublk_io_complete(struct ublk_io *io, int result);
 
@@ -679,11 +689,13 @@ void *ublk_io_queue_data(const struct ublk_io *io);
  * thread when the operation is over (`res`: `len`, or a negative errno); it
  * may submit more operations or complete `io`. When the last lease operation
  * of the request is over and the request was not completed, the engine
- * completes it with the total bytes or the first error (see
- * `ublk_io_lease_manual`). Errors: -EPERM (not a READ request: its buffer is
- * a source only), -EINVAL (range empty or outside the request), -EALREADY
- * (request already completed), -EXDEV (not on the request's queue thread),
- * -EBADF (fd < 0). `fd` must stay open until the operation is over.
+ * completes it with the first error, or else the bytes the operations moved
+ * from the start of the buffer without a gap (see `ublk_io_lease_manual`).
+ * Errors: -EPERM (not a READ request: its buffer is a source only), -EINVAL
+ * (range empty or outside the request, `file_off + len` past 2^63 - 1, or a
+ * request without data: FLUSH, DISCARD...), -EALREADY (request already
+ * completed), -EXDEV (not on the request's queue thread), -EBADF (fd < 0).
+ * `fd` must stay open until the operation is over.
  */
 int ublk_io_lease_read(struct ublk_io *io,
                        int fd,
@@ -736,7 +748,10 @@ int ublk_io_lease_recv(struct ublk_io *io,
  * The target completes `io` itself with `ublk_io_complete` (e.g. after
  * retrying a failed lease operation) instead of the aggregate completion.
  * The completion is still held back until every lease operation on the
- * request is over. Only on the request's queue thread (else -EXDEV);
+ * request is over, and an operation that fails after it fails the request
+ * with its error (complete from the last operation's callback to overrule
+ * a failure). Call it before handing a leased request to another thread
+ * that will complete it: else the last operation completes it meanwhile. Only on the request's queue thread (else -EXDEV);
  * -EALREADY once the request is completed.
  */
 int ublk_io_lease_manual(struct ublk_io *io);

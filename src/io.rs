@@ -71,6 +71,9 @@ pub(crate) struct QueueShared {
     pub wake_pending: AtomicBool,
     /// Set when the queue thread has exited: completions go nowhere.
     pub closed: AtomicBool,
+    /// A READ may complete with fewer bytes than asked (copy mode only, see
+    /// `check_result`).
+    pub partial_reads: bool,
     pub stats: crate::stats::QueueStats,
     /// Kept alive as long as any Completion may still touch a buffer.
     pub _bufs: Arc<crate::buf::TagBuffers>,
@@ -105,7 +108,7 @@ impl QueueShared {
     /// the result to commit (EIO instead of an oversized one) and what to
     /// report to the caller (the oversized result's EINVAL, or Ok).
     pub(crate) fn claim_result(&self, op: Op, len: u32, tag: u16, seq: u64, res: i32) -> Result<(i32, Result<()>)> {
-        let (res, report) = match check_result(op, len, res) {
+        let (res, report) = match check_result(op, len, res, self.partial_reads) {
             Ok(r) => (r, Ok(())),
             Err(e) => (-libc::EIO, Err(e)),
         };
@@ -180,7 +183,15 @@ impl Drop for QueueShared {
 }
 
 /// Checks and normalises a completion result for an op of `len` bytes.
-pub(crate) fn check_result(op: Op, len: u32, res: i32) -> Result<i32> {
+///
+/// A READ or WRITE done in part (0 < res < len): the kernel completes the
+/// first `res` bytes and sends the rest again only for a READ in copy mode
+/// (`partial_reads`: it copies `res` bytes out of the server's buffer). In
+/// the other modes, and for every WRITE, it ends the whole request as done
+/// (ublk_drv's `__ublk_complete_rq`: nothing to unmap), so the bytes past
+/// `res` would reach a reader unfilled, or never be written: such a result
+/// fails the request with EIO instead, and is reported.
+pub(crate) fn check_result(op: Op, len: u32, res: i32, partial_reads: bool) -> Result<i32> {
     if res < 0 {
         return Ok(res);
     }
@@ -191,6 +202,10 @@ pub(crate) fn check_result(op: Op, len: u32, res: i32) -> Result<i32> {
         if res == 0 && len > 0 {
             // A zero-byte READ/WRITE would make the block layer retry forever.
             return Ok(-libc::EIO);
+        }
+        if (res as u32) < len && !(op == Op::Read && partial_reads) {
+            let why = if op == Op::Read { "a READ can end early in copy mode only" } else { "a WRITE cannot end early" };
+            return Err(Error::inval(format!("result {res} of a {len}-byte {op:?}: {why}; failed with EIO")));
         }
         Ok(res)
     } else {
@@ -298,7 +313,9 @@ impl Completion {
     /// Completes the request with `res` (bytes done, or a negative errno).
     ///
     /// A result larger than the request is a caller bug: it is reported as
-    /// EINVAL and the request is failed with EIO so it never hangs. Completing
+    /// EINVAL and the request is failed with EIO so it never hangs; so is a
+    /// READ/WRITE done in part, except a READ in copy mode (the kernel then
+    /// asks again for the rest; see [`crate::Target`]). Completing
     /// a request that is no longer in flight (device stopped and re-armed) is
     /// reported as ESTALE and changes nothing.
     pub fn complete(mut self, res: i32) -> Result<()> {
@@ -332,6 +349,7 @@ mod tests {
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            partial_reads: true,
             stats: Default::default(),
             _bufs: Arc::new(crate::buf::TagBuffers::new(depth, 4096).unwrap()),
         };
@@ -346,14 +364,17 @@ mod tests {
 
     #[test]
     fn results_are_checked() {
-        assert_eq!(check_result(Op::Read, 4096, 4096), Ok(4096));
-        assert_eq!(check_result(Op::Read, 4096, 512), Ok(512));
-        assert_eq!(check_result(Op::Write, 4096, -libc::EIO), Ok(-libc::EIO));
-        assert_eq!(check_result(Op::Read, 4096, 0), Ok(-libc::EIO));
-        assert_eq!(check_result(Op::Read, 4096, 4097).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(check_result(Op::Read, 4096, 4096, true), Ok(4096));
+        assert_eq!(check_result(Op::Read, 4096, 512, true), Ok(512));
+        assert_eq!(check_result(Op::Read, 4096, 512, false).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(check_result(Op::Write, 4096, 512, true).unwrap_err().errno(), libc::EINVAL);
+        assert_eq!(check_result(Op::Write, 4096, 4096, false), Ok(4096));
+        assert_eq!(check_result(Op::Write, 4096, -libc::EIO, true), Ok(-libc::EIO));
+        assert_eq!(check_result(Op::Read, 4096, 0, true), Ok(-libc::EIO));
+        assert_eq!(check_result(Op::Read, 4096, 4097, true).unwrap_err().errno(), libc::EINVAL);
         // ops without data complete with 0 whatever positive value is given
-        assert_eq!(check_result(Op::Discard, 1 << 20, 1 << 20), Ok(0));
-        assert_eq!(check_result(Op::Flush, 0, 0), Ok(0));
+        assert_eq!(check_result(Op::Discard, 1 << 20, 1 << 20, true), Ok(0));
+        assert_eq!(check_result(Op::Flush, 0, 0, true), Ok(0));
     }
 
     #[test]

@@ -57,14 +57,16 @@ impl Kind {
 pub(crate) struct LeaseState {
     /// Lease SQEs on the ring.
     pub(crate) inflight: u32,
-    /// Bytes of the finished operations.
-    bytes: u64,
     /// First error of the finished operations (0: none).
     err: i32,
+    /// First error of an operation that finished after the target completed
+    /// the request (`pending`): it fails the request whatever the target said,
+    /// which it gave without knowing that operation's outcome.
+    late_err: i32,
     /// Any operation was submitted for the current request.
     used: bool,
     /// The target completes the request itself (no aggregate completion).
-    manual: bool,
+    pub(crate) manual: bool,
     /// The engine registered the buffer (REGISTER_IO_BUF) and unregisters it.
     registered: bool,
     /// user-copy: the WRITE request's data is in the bounce buffer.
@@ -73,6 +75,18 @@ pub(crate) struct LeaseState {
     pub(crate) need_reg: bool,
     /// A completion that waits for the operations in flight.
     pub(crate) pending: Option<i32>,
+}
+
+impl LeaseState {
+    /// Records an operation's failure.
+    fn failed(&mut self, err: i32) {
+        if self.err == 0 {
+            self.err = err;
+        }
+        if self.pending.is_some() && self.late_err == 0 {
+            self.late_err = err;
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -96,19 +110,42 @@ struct LeaseOp {
 pub(crate) struct Leases {
     pub(crate) state: Vec<LeaseState>,
     ops: Slab<LeaseOp>,
+    /// Per tag, the ranges of the request buffer the finished operations
+    /// moved in full (the automatic result is the part from byte 0 they
+    /// cover without a gap; emptied, not freed, at each commit).
+    done: Vec<Vec<Range<u32>>>,
 }
 
 impl Leases {
     pub(crate) fn new(depth: u16) -> Leases {
-        Leases { state: vec![LeaseState::default(); depth as usize], ops: Slab::default() }
+        Leases { state: vec![LeaseState::default(); depth as usize], ops: Slab::default(), done: vec![Vec::new(); depth as usize] }
+    }
+
+    /// The automatic result of a request of `len` bytes: the bytes from its
+    /// start that finished operations moved with no gap. The kernel takes a
+    /// result n as "bytes [0, n) are done", so operations that overlap, or
+    /// leave a hole before the last one, must not count as more than that
+    /// (a hole in a READ would reach the reader as whatever the buffer held).
+    fn covered(&mut self, tag: u16, len: u32) -> u32 {
+        let d = &mut self.done[tag as usize];
+        d.sort_unstable_by_key(|r| r.start);
+        let mut end = 0;
+        for r in d.iter() {
+            if r.start > end {
+                break;
+            }
+            end = end.max(r.end);
+        }
+        end.min(len)
     }
 }
 
 /// The lease of one request, from [`QueueCtx::lease`]. Each operation's
 /// completion goes to [`crate::Target::lease_done`] with the `data` given;
 /// when the last one finishes and the target has not completed the request,
-/// the engine completes it with the total bytes, or the first error (unless
-/// [`Lease::complete_manually`] was called).
+/// the engine completes it with the first error, or else the bytes the
+/// operations moved from the start of the buffer without a gap (unless
+/// [`Lease::complete_manually`] was called, or the request was deferred).
 pub struct Lease<'c, 'q> {
     ctx: &'c mut QueueCtx<'q>,
     tag: u16,
@@ -149,7 +186,8 @@ impl Lease<'_, '_> {
 
     /// The target completes the request itself (`QueueCtx::complete`), for
     /// instance after retrying a failed operation; the engine then still
-    /// holds the completion back until every lease operation has finished.
+    /// holds the completion back until every lease operation has finished
+    /// (and fails the request if one finishing after it fails).
     pub fn complete_manually(&mut self) -> Result<()> {
         self.ctx.core.lease_check_owned(self.tag)?;
         self.ctx.core.leases.state[self.tag as usize].manual = true;
@@ -207,6 +245,10 @@ impl QueueCore {
         }
         if fd < 0 {
             return Err(Error::new(libc::EBADF, format!("{}: bad fd {fd}", kind.name())));
+        }
+        // (io_uring reads an offset of -1 as "the file position")
+        if !kind.stream() && file_off.checked_add((range.end - range.start) as u64).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(Error::inval(format!("{}: file offset {file_off} + {} is past the largest file offset", kind.name(), range.end - range.start)));
         }
         self.lease_prepare(tag, l.op)?;
         let rw_flags = if kind == Kind::WriteFrom && l.flags.fua() { libc::RWF_DSYNC } else { 0 };
@@ -339,15 +381,12 @@ impl QueueCore {
             unsafe { std::ptr::write_bytes(self.bufs.get(tag).add((op.buf_off + op.done) as usize), 0, remaining as usize) };
             op.len as i32
         };
-        let data = op.data;
+        let (data, range) = (op.data, op.buf_off..op.buf_off + op.len);
         self.leases.ops.take(idx);
-        let st = &mut self.leases.state[tag as usize];
         if fin < 0 {
-            if st.err == 0 {
-                st.err = fin;
-            }
+            self.leases.state[tag as usize].failed(fin);
         } else {
-            st.bytes += fin as u64;
+            self.leases.done[tag as usize].push(range);
         }
         Some((tag, data, fin))
     }
@@ -357,28 +396,26 @@ impl QueueCore {
             Ok(()) => None,
             Err(e) => {
                 let op = self.leases.ops.take(idx)?;
-                let st = &mut self.leases.state[op.tag as usize];
-                if st.err == 0 {
-                    st.err = e.neg_errno();
-                }
+                self.leases.state[op.tag as usize].failed(e.neg_errno());
                 Some((op.tag, op.data, e.neg_errno()))
             }
         }
     }
 
     /// After a lease operation finished (and the target saw it): commits the
-    /// request once nothing is in flight, with the completion the target gave,
-    /// or, without one, with the total bytes or the first error.
+    /// request once nothing is in flight, with the completion the target gave
+    /// (unless an operation failed after it: then with that error), or,
+    /// without one, with the bytes covered from the start or the first error.
     pub(crate) fn lease_settle(&mut self, tag: u16) {
         let st = self.leases.state[tag as usize];
         if st.inflight > 0 {
             return;
         }
         if let Some(res) = st.pending {
-            self.commit(tag, res);
+            self.commit(tag, if res >= 0 && st.late_err < 0 { st.late_err } else { res });
         } else if st.used && !st.manual {
             let l = self.local[tag as usize];
-            let res = if st.err < 0 { st.err } else { st.bytes.min(l.len as u64) as i32 };
+            let res = if st.err < 0 { st.err } else { self.leases.covered(tag, l.len) as i32 };
             if let Ok((res, _)) = self.shared.claim_result(l.op, l.len, tag, l.seq, res) {
                 self.commit(tag, res);
             }
@@ -390,6 +427,7 @@ impl QueueCore {
     /// lease. Gives the result to commit.
     pub(crate) fn lease_release(&mut self, tag: u16, res: i32) -> i32 {
         let st = std::mem::take(&mut self.leases.state[tag as usize]);
+        self.leases.done[tag as usize].clear();
         let mut res = res;
         if st.registered {
             if let Err(e) = self.buf_cmd(sys::UBLK_U_IO_UNREGISTER_IO_BUF, tag) {

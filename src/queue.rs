@@ -107,7 +107,11 @@ impl QueueCtx<'_> {
         &self.core.info
     }
 
-    /// Completes the request of `tag` now, on the queue thread.
+    /// Completes the request of `tag` now, on the queue thread. While lease
+    /// operations on it are in flight the completion waits for them, and if
+    /// one of them then fails, the request fails with its error: a result
+    /// given before an operation's outcome was known does not vouch for it
+    /// (to overrule a failure, complete from the last `lease_done`).
     pub fn complete(&mut self, tag: u16, res: i32) -> Result<()> {
         let seq = self.core.local.get(tag as usize).ok_or_else(|| Error::inval(format!("tag {tag} out of range")))?.seq;
         self.complete_seq(tag, seq, res)
@@ -186,7 +190,13 @@ impl QueueCtx<'_> {
     }
 
     /// Hands the request to whoever will complete it later, from any thread.
+    /// The `Completion` then completes it: lease operations on it no longer
+    /// complete it automatically (as after `Lease::complete_manually`), so
+    /// its buffer stays the holder's until it does.
     pub fn defer(&mut self, io: Io<'_>) -> Completion {
+        if let Some(st) = self.core.leases.state.get_mut(io.tag() as usize) {
+            st.manual = true;
+        }
         Completion { shared: self.core.shared.clone(), req: io.req, done: false }
     }
 
@@ -368,6 +378,7 @@ impl Queue {
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            partial_reads: s.mode == DataMode::Copy,
             stats: Default::default(),
             _bufs: bufs.clone(),
         });

@@ -20,8 +20,11 @@ use std::sync::Arc;
 /// - or hands it off with `ctx.defer(io)`, getting a `Send` [`crate::Completion`]
 ///   that completes it later from any thread.
 ///
-/// Results: READ/WRITE return the bytes done (at most `io.len()`), other ops 0;
-/// errors are negative errno values.
+/// Results: READ/WRITE return the bytes done, other ops 0; errors are
+/// negative errno values. Fewer bytes than `io.len()` only for a READ in copy
+/// mode (the kernel asks again for the rest); in the other data modes, and
+/// for a WRITE, the kernel would take the whole request as done, so such a
+/// result fails it with EIO (and the completion call reports EINVAL).
 pub trait Target {
     fn handle_io(&mut self, ctx: &mut QueueCtx<'_>, io: Io<'_>);
 

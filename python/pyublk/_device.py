@@ -235,8 +235,10 @@ class Io:
 
     def complete(self, result: int) -> None:
         """Completes the request (raises UblkError: EALREADY if it was already
-        completed, EINVAL for a result larger than the request, ESHUTDOWN
-        after the device stopped)."""
+        completed, EINVAL for a result larger than the request or one short
+        of it where the kernel cannot take part of a request (anything but a
+        READ in copy mode: the request then fails with EIO), ESHUTDOWN after
+        the device stopped)."""
         if not isinstance(result, int):
             raise TypeError(f"result must be an int (bytes done or -errno), not {type(result).__name__}")
         self._release()

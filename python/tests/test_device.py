@@ -413,6 +413,92 @@ def test_lease_rules_from_python():
     os.close(t.zero)
 
 
+class HoleyReads:
+    """READs of 12 KiB or more lease only their first and last 4 KiB from the
+    file (a hole between); shorter READs lease all of it. With `early`, every
+    READ is also completed as done at once, while its operation is in flight."""
+
+    def __init__(self, fd: int, early: bool = False):
+        self.fd, self.early, self.seen = fd, early, []
+
+    def handle(self, io):
+        if io.op != "read":
+            io.complete(io.length if io.op == "write" else 0)
+            return
+        self.seen.append((io.offset, io.length))
+        if io.length >= 12288 and not self.early:
+            io.lease.read_into(self.fd, io.offset, 0, 4096)
+            io.lease.read_into(self.fd, io.offset + io.length - 4096, io.length - 4096, 4096)
+        else:
+            io.lease.read_into(self.fd, io.offset, 0, io.length)
+        if self.early:
+            io.complete(io.length)
+
+
+def read_direct(path: str, off: int, n: int, fill: bytes = b"\xee"):
+    """O_DIRECT read into a buffer pre-filled with `fill`: (bytes or errno)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = mmap.mmap(-1, n)
+        buf[:] = fill * n
+        try:
+            got = os.preadv(fd, [buf], off)
+        except OSError as e:
+            return e.errno
+        return bytes(buf[:got])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode", ["auto", "copy"])
+def test_lease_result_stops_at_a_hole(backing, mode):
+    """The automatic result counts the bytes from the start without a gap: a
+    READ leased in two pieces with a hole between reports only the first. In
+    copy mode the kernel then asks again for the rest; in the zero-copy modes
+    it cannot take part of a request, so the READ fails with EIO. Either way
+    no byte of the hole reaches the reader unfilled."""
+    pattern = bytes((i * 7 + 3) % 251 for i in range(1 << 20))
+    with open(backing, "r+b") as f:
+        f.write(pattern)
+    fd = os.open(backing, os.O_RDONLY)
+    t = HoleyReads(fd)
+    try:
+        with pyublk.Device(t, size=8 << 20, depth=4, zero_copy=mode) as dev:
+            dev.start()
+            t.seen.clear()
+            got = read_direct(dev.path, 65536, 12288)
+            copy = dev.data_mode == "copy"
+            dev.stop()
+            dev.wait(30)
+        if not copy:
+            assert got == errno.EIO, f"the read gave {got!r:.60}, not EIO"
+            return
+        want = pattern[65536:65536 + 12288]
+        bad = [i for i in range(0, 12288, 512) if got[i:i + 512] != want[i:i + 512]] if isinstance(got, bytes) else got
+        assert got == want, f"the hole reached the reader unfilled (bad 512-byte sectors at {bad}; requests {t.seen})"
+        assert (65536, 12288) in t.seen and (65536 + 4096, 8192) in t.seen, t.seen
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("mode", ["auto", "copy"])
+def test_completion_given_early_does_not_hide_a_failed_lease(backing, mode):
+    """A READ completed as done while its lease operation is in flight, and
+    that operation fails (a write-only fd): the read fails, it does not
+    return the buffer unfilled."""
+    fd = os.open(backing, os.O_WRONLY)
+    t = HoleyReads(fd, early=True)
+    try:
+        with pyublk.Device(t, size=8 << 20, depth=4, zero_copy=mode) as dev:
+            dev.start()
+            got = read_direct(dev.path, 1 << 20, 4096)
+            dev.stop()
+            dev.wait(30)
+        assert got == errno.EIO, f"the read gave {got!r:.60}, not EIO"
+    finally:
+        os.close(fd)
+
+
 def test_complete_from_other_thread_and_twice():
     errs = []
 
