@@ -540,30 +540,38 @@ int ublk_dev_start(struct ublk_dev *dev);
 /**
  * Starts the device if needed, then blocks serving it until it is stopped
  * (`ublk_dev_stop`, `ublk del`) or SIGINT/SIGTERM arrives (then stops it).
- * Returns 0 or a negative errno. Not concurrently with start/wait/free.
+ * Returns 0 or a negative errno (the start's; -EDEADLK on a queue thread of
+ * the device). Not concurrently with start/wait/free.
  */
 int ublk_dev_serve(struct ublk_dev *dev);
 
 /**
  * Waits until the device stops serving, at most `timeout_ms` (-1: forever).
- * Returns 0 once stopped, -ETIMEDOUT otherwise. Not concurrently with
- * start/serve/free.
+ * Returns 0 once stopped, -ETIMEDOUT otherwise (-EDEADLK on a queue thread
+ * of the device). Not concurrently with start/serve/free.
  */
 int ublk_dev_wait(struct ublk_dev *dev, int timeout_ms);
 
 /**
  * Stops the device (STOP_DEV): pending requests fail, the queue threads exit,
  * `ublk_dev_serve` returns. Any thread, also while another thread serves.
- * Returns 0 or a negative errno (-EALREADY if it was never started).
+ * On a queue thread of the device (a callback that decides to stop it) the
+ * stop runs on a thread of its own and this returns at once: STOP_DEV waits
+ * for the requests in flight, which that queue thread serves once the
+ * callback returns. Returns 0 or a negative errno (-EALREADY if it was
+ * never started).
  */
 int ublk_dev_stop(struct ublk_dev *dev);
 
 /**
  * Stops (if serving) and deletes the device, then frees `dev` (a device
  * from `ublk_dev_recover` that never served is left for another try, not
- * deleted). NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
- * a thread that is not a queue thread of this device, and not concurrently
- * with any other call on `dev`.
+ * deleted). Returns once no callback runs any more: it waits for a callback
+ * that does not return (saying so on stderr every 10 s), since `user` may
+ * be freed right after. NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
+ * a thread that is not a queue thread of this device (there it would wait
+ * for itself: it reports that on stderr and frees nothing), and not
+ * concurrently with any other call on `dev`.
  */
 void ublk_dev_free(struct ublk_dev *dev);
 
@@ -691,7 +699,7 @@ void *ublk_io_queue_data(const struct ublk_io *io);
  * of the request is over and the request was not completed, the engine
  * completes it with the first error, or else the bytes the operations moved
  * from the start of the buffer without a gap (see `ublk_io_lease_manual`).
- * Errors: -EPERM (not a READ request: its buffer is a source only), -EINVAL
+ * Errors: -EPERM (a WRITE request: its buffer is a source only), -EINVAL
  * (range empty or outside the request, `file_off + len` past 2^63 - 1, or a
  * request without data: FLUSH, DISCARD...), -EALREADY (request already
  * completed), -EXDEV (not on the request's queue thread), -EBADF (fd < 0).
@@ -708,8 +716,8 @@ int ublk_io_lease_read(struct ublk_io *io,
 /**
  * Lease: writes `len` bytes of a WRITE request's buffer at `buf_off` to `fd`
  * at `file_off` (RWF_DSYNC when the request has UBLK_FLAG_FUA). As
- * `ublk_io_lease_read`; -EPERM when the request is not a WRITE (a READ
- * request's buffer is a destination only).
+ * `ublk_io_lease_read`; -EPERM when the request is a READ (its buffer is a
+ * destination only).
  */
 int ublk_io_lease_write(struct ublk_io *io,
                         int fd,
@@ -833,8 +841,8 @@ int ublk_nbd_dev_new(const struct ublk_dev_config *cfg,
  * requests using it completed (a closed fd fails them with EBADF; each
  * queue keeps the file in its ring's file table while an extent uses it).
  *
- * Returns 0, or -EINVAL (NULL dev, bad range, fd < 0, flags not a non-empty
- * combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents),
+ * Returns 0, or -EINVAL (NULL dev, bad range, flags not a non-empty
+ * combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -EBADF (fd < 0), -ENOSPC (65536 extents),
  * -EOPNOTSUPP (a device with a built-in target, e.g. `ublk_nbd_dev_new`:
  * it moves its own data and has no route table).
  */

@@ -145,6 +145,9 @@ pub struct Device {
     /// recovery, and a failure before that leaves the device to a later try
     /// instead of deleting it.
     recovering: bool,
+    /// A start of this (new, not recovering) device failed: the kernel keeps
+    /// the cancelled queues, so it cannot be started again; only deleted.
+    start_failed: bool,
 }
 
 impl Device {
@@ -214,6 +217,7 @@ impl Device {
             running: 0,
             threads: Vec::new(),
             recovering,
+            start_failed: false,
         }
     }
 
@@ -345,6 +349,10 @@ impl Device {
         if self.exits.is_some() {
             return Err(Error::new(libc::EALREADY, "device already started"));
         }
+        if self.start_failed {
+            return Err(Error::inval("the device failed to start before and cannot start again: delete it and add a new one"));
+        }
+        self.stop.force_exit.store(false, Ordering::Release);
         if self.recovering && self.char_file.is_none() {
             self.begin_recovery()?;
         }
@@ -406,7 +414,7 @@ impl Device {
             }
         }
         if let Some(e) = first_err {
-            self.stop.force();
+            self.abort_start();
             return Err(e);
         }
         let pid = std::process::id() as i32;
@@ -416,7 +424,7 @@ impl Device {
             self.ctrl.start_dev(self.info.dev_id, pid, self.cfg.timeout)
         };
         if let Err(e) = r {
-            self.stop.force();
+            self.abort_start();
             return Err(e);
         }
         if self.recovering {
@@ -429,6 +437,26 @@ impl Device {
             }
         }
         wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout)
+    }
+
+    /// After a failed start: makes the queue threads exit and joins them, so
+    /// that the device is as before the call. No STOP_DEV for a device that
+    /// never served: a recovering one stays quiesced for another try (the
+    /// next start begins the recovery again, on a fresh char fd), a new one
+    /// is deleted by `delete`/drop. Threads that do not exit (a callback that
+    /// never returns) stay counted: teardown then leaks the device.
+    fn abort_start(&mut self) {
+        self.stop.force();
+        if !self.wait_timeout(self.cfg.timeout) {
+            return;
+        }
+        self.exits = None;
+        self.stop.shared.lock().clear();
+        if self.recovering {
+            self.char_file = None;
+        } else {
+            self.start_failed = true;
+        }
     }
 
     /// Blocks until every queue has exited (the device was stopped or deleted),

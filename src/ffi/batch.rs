@@ -49,12 +49,15 @@ impl ublk_io_batch_entry {
 /// After `handle_batch` returned: completes or leases what the target asked
 /// for, entry by entry. A request the target also completed itself is left
 /// alone (its completion is refused as a duplicate).
-pub(crate) fn finish(ctx: &mut QueueCtx<'_>, entries: &[ublk_io_batch_entry]) {
-    for e in entries {
+/// `ios` are the entries' handles as the engine made them: the entries are
+/// the target's to write, and a binding that overwrote an `io` field must
+/// not make the queue thread follow a bad pointer.
+pub(crate) fn finish(ctx: &mut QueueCtx<'_>, entries: &[ublk_io_batch_entry], ios: &[*mut ublk_io]) {
+    for (e, &io) in entries.iter().zip(ios) {
         // SAFETY: the handles live as long as the device; no new request can
         // have arrived on this tag since the batch was made (requests arrive
         // only between batches), so `req` is still this entry's request.
-        let req = req_of(unsafe { &*e.io });
+        let req = req_of(unsafe { &*io });
         let tag = req.tag;
         if e.result != UBLK_BATCH_PENDING {
             let _ = ctx.complete_seq(tag, req.seq, e.result);

@@ -1,6 +1,6 @@
 //! C ABI: device configuration and lifecycle.
 
-use super::io::{FfiQueue, FfiTarget};
+use super::io::{on_queue_thread_of, FfiQueue, FfiTarget};
 use super::{guard, guard_or, null_err, opt_str};
 use crate::error::Error;
 use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, Recovery, StopHandle, Target, TargetFactory, ZeroCopy};
@@ -286,6 +286,10 @@ unsafe impl Sync for FfiDevShared {}
 pub struct ublk_dev {
     dev: Mutex<Option<Device>>,
     stop: StopHandle,
+    /// The thread of a `ublk_dev_stop` called on a queue thread: joined by
+    /// `ublk_dev_free`, so no late STOP_DEV can reach a device that got the
+    /// freed one's id.
+    stopper: Mutex<Option<std::thread::JoinHandle<()>>>,
     shared: Arc<FfiDevShared>,
     info: ublk_dev_info,
     path: CString,
@@ -381,6 +385,7 @@ fn wrap_with(dev: Device, ops: ublk_target_ops, user: *mut c_void, builtin: Opti
         target_name: cstr(&cfg.target_name),
         target_args: cfg.target_arg(C_ARGS_KEY).map(cstr),
         stop: dev.stop_handle(),
+        stopper: Mutex::new(None),
         dev: Mutex::new(Some(dev)),
         shared: Arc::new(FfiDevShared { ops, user, queues, routes: Default::default() }),
         info,
@@ -458,13 +463,23 @@ pub extern "C" fn ublk_dev_start(dev: *mut ublk_dev) -> c_int {
     })
 }
 
+/// -EDEADLK for the calls that wait for the queue threads, made on one.
+fn not_on_queue_thread(d: &ublk_dev, what: &str) -> Result<(), Error> {
+    if on_queue_thread_of(&d.shared) {
+        return Err(Error::new(libc::EDEADLK, format!("{what} on a queue thread of the device would wait for itself")));
+    }
+    Ok(())
+}
+
 /// Starts the device if needed, then blocks serving it until it is stopped
 /// (`ublk_dev_stop`, `ublk del`) or SIGINT/SIGTERM arrives (then stops it).
-/// Returns 0 or a negative errno. Not concurrently with start/wait/free.
+/// Returns 0 or a negative errno (the start's; -EDEADLK on a queue thread of
+/// the device). Not concurrently with start/wait/free.
 #[no_mangle]
 pub extern "C" fn ublk_dev_serve(dev: *mut ublk_dev) -> c_int {
     guard(|| {
         let d = dev_ref(dev)?;
+        not_on_queue_thread(d, "ublk_dev_serve")?;
         if !d.stop.is_started() {
             let r = ublk_dev_start(dev);
             if r < 0 && r != -libc::EALREADY {
@@ -479,12 +494,13 @@ pub extern "C" fn ublk_dev_serve(dev: *mut ublk_dev) -> c_int {
 }
 
 /// Waits until the device stops serving, at most `timeout_ms` (-1: forever).
-/// Returns 0 once stopped, -ETIMEDOUT otherwise. Not concurrently with
-/// start/serve/free.
+/// Returns 0 once stopped, -ETIMEDOUT otherwise (-EDEADLK on a queue thread
+/// of the device). Not concurrently with start/serve/free.
 #[no_mangle]
 pub extern "C" fn ublk_dev_wait(dev: *mut ublk_dev, timeout_ms: c_int) -> c_int {
     guard(|| {
         let d = dev_ref(dev)?;
+        not_on_queue_thread(d, "ublk_dev_wait")?;
         let mut g = d.dev.lock();
         let dev = g.as_mut().ok_or_else(|| Error::new(libc::ESHUTDOWN, "device was deleted"))?;
         let done = if timeout_ms < 0 {
@@ -503,13 +519,36 @@ pub extern "C" fn ublk_dev_wait(dev: *mut ublk_dev, timeout_ms: c_int) -> c_int 
 
 /// Stops the device (STOP_DEV): pending requests fail, the queue threads exit,
 /// `ublk_dev_serve` returns. Any thread, also while another thread serves.
-/// Returns 0 or a negative errno (-EALREADY if it was never started).
+/// On a queue thread of the device (a callback that decides to stop it) the
+/// stop runs on a thread of its own and this returns at once: STOP_DEV waits
+/// for the requests in flight, which that queue thread serves once the
+/// callback returns. Returns 0 or a negative errno (-EALREADY if it was
+/// never started).
 #[no_mangle]
 pub extern "C" fn ublk_dev_stop(dev: *mut ublk_dev) -> c_int {
     guard(|| {
         let d = dev_ref(dev)?;
         if !d.stop.is_started() {
             return Err(Error::new(libc::EALREADY, "device is not serving"));
+        }
+        if on_queue_thread_of(&d.shared) {
+            let mut stopper = d.stopper.lock();
+            if stopper.is_some() {
+                return Ok(0); // (one is on its way)
+            }
+            let stop = d.stop.clone();
+            let t = std::thread::Builder::new()
+                .name("ublk-stop".into())
+                .spawn(move || {
+                    if let Err(e) = stop.stop() {
+                        if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT {
+                            eprintln!("ublk: ublk_dev_stop: {e}");
+                        }
+                    }
+                })
+                .map_err(|e| Error::from_io(e, "cannot spawn the thread that stops the device"))?;
+            *stopper = Some(t);
+            return Ok(0);
         }
         match d.stop.stop() {
             Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => Err(e),
@@ -520,18 +559,35 @@ pub extern "C" fn ublk_dev_stop(dev: *mut ublk_dev) -> c_int {
 
 /// Stops (if serving) and deletes the device, then frees `dev` (a device
 /// from `ublk_dev_recover` that never served is left for another try, not
-/// deleted). NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
-/// a thread that is not a queue thread of this device, and not concurrently
-/// with any other call on `dev`.
+/// deleted). Returns once no callback runs any more: it waits for a callback
+/// that does not return (saying so on stderr every 10 s), since `user` may
+/// be freed right after. NULL is a no-op. Every `ublk_io` handle of the device becomes invalid. Call it from
+/// a thread that is not a queue thread of this device (there it would wait
+/// for itself: it reports that on stderr and frees nothing), and not
+/// concurrently with any other call on `dev`.
 #[no_mangle]
 pub extern "C" fn ublk_dev_free(dev: *mut ublk_dev) {
     guard(|| {
         if dev.is_null() {
             return Ok(0);
         }
+        if let Err(e) = dev_ref(dev).and_then(|d| not_on_queue_thread(d, "ublk_dev_free")) {
+            eprintln!("ublk: {e}: nothing freed");
+            return Err(e);
+        }
         // SAFETY: dev comes from ublk_dev_new (Box::into_raw) and is freed once.
         let d = unsafe { Box::from_raw(dev) };
-        if let Some(device) = d.dev.lock().take() {
+        if let Some(t) = d.stopper.lock().take() {
+            let _ = t.join();
+        }
+        if let Some(mut device) = d.dev.lock().take() {
+            // (its errors are the delete's too)
+            let _ = device.stop();
+            // `user` must outlive the callbacks: a queue thread stuck in one
+            // is waited for, not left running on memory the caller frees next
+            while !device.wait_timeout(Duration::from_secs(10)) {
+                eprintln!("ublk: device {}: a queue thread is still in a callback; ublk_dev_free waits for it", d.info.dev_id);
+            }
             device.delete()?;
         }
         Ok(0)

@@ -92,6 +92,16 @@ thread_local! {
     /// The queue context of the callback running on this thread (if any), and
     /// the queue it belongs to: backing IO and inline completion need it.
     static CURRENT: Cell<(*mut QueueCtx<'static>, *const FfiQueue)> = const { Cell::new((std::ptr::null_mut(), std::ptr::null())) };
+    /// The device this thread is a queue thread of (null: none). Only
+    /// compared, never dereferenced.
+    static QUEUE_OF: Cell<*const FfiDevShared> = const { Cell::new(std::ptr::null()) };
+}
+
+/// Whether the calling thread is one of `dev`'s queue threads: the calls
+/// that wait for those threads (stop, wait, serve, free) would wait for
+/// themselves there.
+pub(crate) fn on_queue_thread_of(dev: &Arc<FfiDevShared>) -> bool {
+    QUEUE_OF.with(|c| std::ptr::eq(c.get(), Arc::as_ptr(dev)))
 }
 
 /// Runs a C callback with `ctx` registered as this thread's current context.
@@ -128,6 +138,9 @@ pub(crate) struct FfiTarget {
     /// the whole queue from the start, so the array the callback gets stays
     /// at one address (bindings keep their views of it).
     batch: Vec<ublk_io_batch_entry>,
+    /// The handles of `batch`'s entries, kept apart from the entries, which
+    /// the callback may write (see `batch::finish`).
+    batch_ios: Vec<*mut ublk_io>,
     /// This queue's view of the route table (`ublk_dev_map`).
     routes: super::route::QueueRoutes,
 }
@@ -135,6 +148,7 @@ pub(crate) struct FfiTarget {
 impl FfiTarget {
     /// Made on the queue thread: runs the C `queue_init` callback.
     pub(crate) fn new(dev: Arc<FfiDevShared>, q_id: u16) -> crate::Result<FfiTarget> {
+        QUEUE_OF.with(|c| c.set(Arc::as_ptr(&dev)));
         let q = dev.queues.get(q_id as usize).cloned().ok_or_else(|| Error::inval(format!("no queue {q_id}")))?;
         q.ios.get_or_init(|| {
             (0..q.depth)
@@ -155,7 +169,8 @@ impl FfiTarget {
             q.data.store(data, Ordering::Release);
         }
         let batch = Vec::with_capacity(q.depth as usize);
-        Ok(FfiTarget { dev, q, batch, routes: Default::default() })
+        let batch_ios = Vec::with_capacity(q.depth as usize);
+        Ok(FfiTarget { dev, q, batch, batch_ios, routes: Default::default() })
     }
 
     /// Catches up with the route table if it changed (one atomic load when
@@ -222,6 +237,7 @@ impl Target for FfiTarget {
         }
         if self.dev.ops.handle_batch.is_some() {
             self.batch.push(ublk_io_batch_entry::new(p, &io.req, self.q.q_id));
+            self.batch_ios.push(p);
             return;
         }
         let Some(handle) = self.dev.ops.handle_io else { return };
@@ -250,8 +266,9 @@ impl Target for FfiTarget {
         // SAFETY: a C callback with the documented arguments; `batch` is not
         // touched until it returns.
         with_ctx(ctx, &self.q, || unsafe { handle(self.dev.user, ptr, n) });
-        super::batch::finish(ctx, &self.batch);
+        super::batch::finish(ctx, &self.batch, &self.batch_ios);
         self.batch.clear();
+        self.batch_ios.clear();
     }
 
     fn lease_done(&mut self, ctx: &mut QueueCtx<'_>, _tag: u16, data: u32, res: i32) {
@@ -536,7 +553,7 @@ fn range(buf_off: u32, len: u32) -> std::ops::Range<u32> {
 /// of the request is over and the request was not completed, the engine
 /// completes it with the first error, or else the bytes the operations moved
 /// from the start of the buffer without a gap (see `ublk_io_lease_manual`).
-/// Errors: -EPERM (not a READ request: its buffer is a source only), -EINVAL
+/// Errors: -EPERM (a WRITE request: its buffer is a source only), -EINVAL
 /// (range empty or outside the request, `file_off + len` past 2^63 - 1, or a
 /// request without data: FLUSH, DISCARD...), -EALREADY (request already
 /// completed), -EXDEV (not on the request's queue thread), -EBADF (fd < 0).
@@ -548,8 +565,8 @@ pub extern "C" fn ublk_io_lease_read(io: *mut ublk_io, fd: c_int, file_off: u64,
 
 /// Lease: writes `len` bytes of a WRITE request's buffer at `buf_off` to `fd`
 /// at `file_off` (RWF_DSYNC when the request has UBLK_FLAG_FUA). As
-/// `ublk_io_lease_read`; -EPERM when the request is not a WRITE (a READ
-/// request's buffer is a destination only).
+/// `ublk_io_lease_read`; -EPERM when the request is a READ (its buffer is a
+/// destination only).
 #[no_mangle]
 pub extern "C" fn ublk_io_lease_write(io: *mut ublk_io, fd: c_int, file_off: u64, buf_off: u32, len: u32, cb: ublk_backing_cb, cb_user: *mut c_void) -> c_int {
     submit_op(io, cb, cb_user, true, |ctx, tag, d| ctx.lease(tag).write_from(fd, file_off, range(buf_off, len), d))

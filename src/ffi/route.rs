@@ -199,8 +199,8 @@ fn check_range(dev: &super::device::ublk_dev, off: u64, len: u64) -> Result<()> 
 /// requests using it completed (a closed fd fails them with EBADF; each
 /// queue keeps the file in its ring's file table while an extent uses it).
 ///
-/// Returns 0, or -EINVAL (NULL dev, bad range, fd < 0, flags not a non-empty
-/// combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -ENOSPC (65536 extents),
+/// Returns 0, or -EINVAL (NULL dev, bad range, flags not a non-empty
+/// combination of UBLK_MAP_READ | UBLK_MAP_WRITE), -EBADF (fd < 0), -ENOSPC (65536 extents),
 /// -EOPNOTSUPP (a device with a built-in target, e.g. `ublk_nbd_dev_new`:
 /// it moves its own data and has no route table).
 #[no_mangle]

@@ -442,11 +442,90 @@ static void kernel_checks(void)
     close(s.zero_fd);
 }
 
+/* Calls that wait for the queue threads, made on one (a callback), and a
+ * start that fails in queue_init. */
+struct cbstate { ublk_dev *dev; int wait, serve, stop, done; pthread_mutex_t lock; pthread_cond_t cond; };
+
+static void cb_handle(void *user, ublk_io *io)
+{
+    struct cbstate *c = user;
+    int len = (int)ublk_io_len(io);
+    if (ublk_io_offset(io) != PROBE_OFF) {
+        ublk_io_complete(io, ublk_io_op(io) == UBLK_OP_READ || ublk_io_op(io) == UBLK_OP_WRITE ? len : 0);
+        return;
+    }
+    c->wait = ublk_dev_wait(c->dev, -1);  /* would wait for itself forever */
+    c->serve = ublk_dev_serve(c->dev);
+    ublk_dev_free(c->dev);                 /* refused (on stderr): dev stays valid */
+    ublk_io_complete(io, len);
+    c->stop = ublk_dev_stop(c->dev);       /* done on a thread of its own */
+    pthread_mutex_lock(&c->lock);
+    c->done = 1;
+    pthread_cond_signal(&c->cond);
+    pthread_mutex_unlock(&c->lock);
+}
+
+static int failing_init(void *user, uint16_t q, void **data) { (void)user; (void)q; (void)data; return -ENOMEM; }
+
+static void callback_checks(void)
+{
+    struct cbstate c = { .lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER };
+    struct ublk_target_ops ops = { .handle_io = cb_handle };
+    struct ublk_dev_config cfg;
+    struct reader rd = { 0 };
+    pthread_t t;
+    char path[64];
+    int r, id, i;
+
+    ublk_dev_config_init(&cfg);
+    cfg.size = 16 << 20;
+    cfg.queue_depth = 4;
+    r = ublk_dev_new(&cfg, &ops, &c, &c.dev);
+    CHECK(r == 0, "ublk_dev_new: %s", ublk_strerror(r));
+    if (r)
+        return;
+    EXPECT(ublk_dev_start(c.dev), 0);
+    rd.path = ublk_dev_path(c.dev);
+    pthread_create(&t, NULL, do_read, &rd);
+    pthread_join(t, NULL);
+    pthread_mutex_lock(&c.lock);
+    while (!c.done)
+        pthread_cond_wait(&c.cond, &c.lock);
+    pthread_mutex_unlock(&c.lock);
+    CHECK(rd.res == 4096, "the read during the callback checks: %zd (errno %d)", rd.res, rd.err);
+    CHECK(c.wait == -EDEADLK, "ublk_dev_wait on a queue thread: %s", ublk_strerror(c.wait));
+    CHECK(c.serve == -EDEADLK, "ublk_dev_serve on a queue thread: %s", ublk_strerror(c.serve));
+    CHECK(c.stop == 0, "ublk_dev_stop on a queue thread: %s", ublk_strerror(c.stop));
+    EXPECT(ublk_dev_wait(c.dev, 20000), 0); /* the stop from the callback took effect */
+    ublk_dev_free(c.dev);
+
+    /* queue_init fails: start gives its error, the device cannot start
+     * again, serve says so too, and free deletes it */
+    ops.queue_init = failing_init;
+    c.dev = NULL;
+    r = ublk_dev_new(&cfg, &ops, &c, &c.dev);
+    CHECK(r == 0, "ublk_dev_new: %s", ublk_strerror(r));
+    if (r)
+        return;
+    id = ublk_dev_id(c.dev);
+    EXPECT(ublk_dev_start(c.dev), -ENOMEM);
+    EXPECT(ublk_dev_start(c.dev), -EINVAL);
+    EXPECT(ublk_dev_serve(c.dev), -EINVAL);
+    EXPECT(ublk_dev_stop(c.dev), -EALREADY);
+    ublk_dev_free(c.dev);
+    snprintf(path, sizeof(path), "/dev/ublkc%d", id);
+    for (i = 0; i < 100 && access(path, F_OK) == 0; i++)
+        usleep(50000);
+    CHECK(access(path, F_OK) != 0, "%s still there after free of a device whose start failed", path);
+}
+
 int main(void)
 {
     host_checks();
-    if (access("/dev/ublk-control", F_OK) == 0)
+    if (access("/dev/ublk-control", F_OK) == 0) {
         kernel_checks();
+        callback_checks();
+    }
     else {
         printf("SKIP: kernel checks: /dev/ublk-control missing\n");
         skipped++;
