@@ -49,7 +49,12 @@ and the default export unless given; N TCP connections per queue (default 1).
 A dropped connection is reconnected (backoff 100 ms doubling to 5 s) and its
 requests are sent again; a request not answered within --timeout seconds
 (default 30) of its arrival fails with EIO, so IO never waits forever, and
-`ublk del` while the server is away finishes within that time.
+`ublk del` while the server is away finishes within that time. Each connect
+with its whole handshake must also end within --timeout (at most 10 s). A
+reconnected export that is smaller, read-only, lacks a command the device
+uses (flush, FUA, trim, write-zeroes) or has block sizes its requests break
+is not used (a failed attempt: the backoff grows). A flush after a reconnect
+cannot cover writes a restarted server lost before they were flushed.
 
 Without root (CAP_SYS_ADMIN) `add` makes an unprivileged device, which only its
 owner can open (copy mode, no recovery); /dev/ublk-control must be open to the

@@ -12,7 +12,8 @@
 //!   bytes, a structured chunk 20 plus its fixed body), then an OFFSET_DATA
 //!   payload (or a simple READ reply's) straight into the right range of the
 //!   request buffer (`Lease::recv`), the request found by the reply's handle.
-//!   Holes are zero-filled from /dev/zero; ERROR chunks fail the request.
+//!   Holes are zero-filled from /dev/zero; ERROR chunks (of any error type,
+//!   known or not) fail the request and keep the connection.
 //!
 //! Everything from the server is checked (see `proto`); a violation fails
 //! the request it concerns with EIO (when there is one) and drops the
@@ -21,7 +22,25 @@
 //! those that arrive meanwhile, are re-sent on a connection that is up (NBD
 //! requests are idempotent). Each request fails with EIO once `timeout` has
 //! passed since it arrived, and a connection with a request past that
-//! deadline is dropped: the device never waits forever.
+//! deadline is dropped: the device never waits forever. A reconnected
+//! export must still serve the device as the first handshake described it
+//! (`Export::check_serves`: size, writability, FLUSH/FUA/TRIM/WRITE_ZEROES,
+//! block sizes); one that does not counts as a failed attempt, and the
+//! backoff goes on growing.
+//!
+//! Durability across a reconnect: a FLUSH covers the writes the server
+//! acknowledged on the connection it is sent on, as the server holds them
+//! then. A server that restarted (or lost its cache) between a write's
+//! acknowledgement and the next FLUSH has lost that write, and the FLUSH
+//! after the reconnect cannot bring it back nor tell: such writes are not
+//! re-sent. The kernel's NBD client has the same limit; a server that must
+//! not lose acknowledged writes has to write them through (or offer no
+//! FLUSH, and so no volatile cache).
+//!
+//! READs go with NBD_CMD_FLAG_DF when the server offers it. proto.md lets a
+//! server refuse a DF read over 64 KiB with EOVERFLOW; such a read is sent
+//! again without DF, and the device's READs (every queue, every later
+//! connection) go without DF from then on.
 //!
 //! All state changes happen in the completion callbacks; `batch_end` then
 //! pumps every connection (next send batch, next receive), so the headers
@@ -29,8 +48,10 @@
 
 mod recv;
 mod send;
+#[cfg(test)]
+mod tests;
 
-use super::conn::{self, Endpoint, Reconnector};
+use super::conn::{self, Endpoint, ExportCheck, Reconnector};
 use super::proto::{self, Chunk, Coverage, Export, Head};
 use crate::error::{Error, Result};
 use crate::io::{Io, Op};
@@ -40,6 +61,7 @@ use io_uring::{opcode, types};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -83,7 +105,8 @@ pub(crate) struct Conn {
     fd: Option<OwnedFd>,
     state: State,
     structured: bool,
-    /// READs go with NBD_CMD_FLAG_DF (structured replies and the server offers it).
+    /// READs may go with NBD_CMD_FLAG_DF (structured replies and the server
+    /// offers it), unless the device gave DF up (`NbdQueue::no_df`).
     df: bool,
     /// 0: not tried, 1: in the ring's file table, 2: registration failed.
     reg: u8,
@@ -149,6 +172,18 @@ impl Conn {
     fn raw(&self) -> RawFd {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
     }
+
+    /// Leaves for good: NBD_CMD_DISC when nothing is being sent (a header
+    /// batch or WRITE payload half sent would have the DISC bytes spliced
+    /// into it), then the socket shut down so that its operations end.
+    fn leave(&mut self) {
+        if !self.tx_busy {
+            conn::say_goodbye(self.raw());
+        }
+        // SAFETY: shutdown on a socket this connection owns.
+        unsafe { libc::shutdown(self.raw(), libc::SHUT_RDWR) };
+        self.state = State::Draining;
+    }
 }
 
 /// A request of the queue, by tag.
@@ -186,6 +221,16 @@ struct Req {
     requeue: bool,
     /// A FUA write to a server without FUA: a FLUSH follows the write.
     fua_flush: bool,
+    /// Sent with NBD_CMD_FLAG_DF.
+    df: bool,
+}
+
+impl Req {
+    /// A READ sent with DF that the server refused with EOVERFLOW (proto.md
+    /// allows that over 64 KiB): it must go again without DF.
+    fn df_refused(&self) -> bool {
+        self.read && self.df && self.err == -libc::EOVERFLOW
+    }
 }
 
 /// The target of one queue.
@@ -199,6 +244,8 @@ pub struct NbdQueue {
     active: u32,
     zero: File,
     recon: Reconnector,
+    /// Set once a server refused a DF read: shared by the device's queues.
+    no_df: Arc<AtomicBool>,
     tick: Box<types::Timespec>,
     tick_armed: bool,
     stopped: bool,
@@ -212,11 +259,24 @@ fn handle(tag: u16, seq: u16) -> u64 {
 }
 
 impl NbdQueue {
-    pub(crate) fn new(ep: Arc<Endpoint>, export: Export, timeout: Duration, conns: Vec<Conn>, depth: u16, label: String) -> Result<NbdQueue> {
+    /// `check` decides whether a reconnected export may be used, `no_df` is
+    /// the device's "READs without DF" flag.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        ep: Arc<Endpoint>,
+        export: Export,
+        timeout: Duration,
+        check: ExportCheck,
+        no_df: Arc<AtomicBool>,
+        conns: Vec<Conn>,
+        depth: u16,
+        label: String,
+    ) -> Result<NbdQueue> {
         let zero = File::open("/dev/zero").map_err(|e| Error::from_io(e, "cannot open /dev/zero"))?;
         let hs_timeout = timeout.min(Duration::from_secs(10));
         Ok(NbdQueue {
-            recon: Reconnector::new(ep.clone(), hs_timeout, label.clone()),
+            recon: Reconnector::new(ep.clone(), hs_timeout, check, label.clone()),
+            no_df,
             ep,
             export,
             timeout,
@@ -394,23 +454,15 @@ impl NbdQueue {
         }
     }
 
-    /// Takes back reconnected sockets; the waiting requests go out on them.
+    /// Takes back reconnected sockets (their exports passed the reconnector's
+    /// check); the waiting requests go out on them.
     fn adopt_reconnected(&mut self) {
         for rc in self.recon.poll() {
             let i = rc.index;
             if self.stopped || i >= self.conns.len() || self.conns[i].state != State::Down {
                 continue;
             }
-            let (old, new) = (self.export, rc.export);
-            if new.size < old.size || (new.has(proto::TFLAG_READ_ONLY) && !old.has(proto::TFLAG_READ_ONLY)) {
-                eprintln!(
-                    "ublk nbd: {} conn {i}: the export changed (size {} -> {}, flags {:#x} -> {:#x}): not using it; retrying",
-                    self.label, old.size, new.size, old.flags, new.flags
-                );
-                self.recon.start(i);
-                continue;
-            }
-            self.conns[i] = Conn::new(rc.fd, &new);
+            self.conns[i] = Conn::new(rc.fd, &rc.export);
             for tag in std::mem::take(&mut self.waiting) {
                 self.reqs[tag as usize].waiting = false;
                 self.enqueue(tag);
@@ -466,17 +518,15 @@ impl NbdQueue {
         }
     }
 
-    /// The device is going away: say goodbye, shut every socket down so
-    /// that the standing receives end, and stop reconnecting.
+    /// The device is going away: say goodbye where no send is under way,
+    /// shut every socket down so that the standing receives end, and stop
+    /// reconnecting.
     fn stop_all(&mut self) {
         self.stopped = true;
         self.recon.stop();
         for c in &mut self.conns {
             if c.state == State::Up {
-                conn::say_goodbye(c.raw());
-                // SAFETY: shutdown on a socket this connection owns.
-                unsafe { libc::shutdown(c.raw(), libc::SHUT_RDWR) };
-                c.state = State::Draining;
+                c.leave();
             }
         }
     }

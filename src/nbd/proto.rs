@@ -8,6 +8,7 @@
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
+use std::time::Instant;
 
 pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
 pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054; // "IHAVEOPT"
@@ -75,6 +76,9 @@ pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
 pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
 pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = (1 << 15) | 2;
+/// Chunk types with this bit are errors; the body of every error type,
+/// known or not, starts with the error (u32) and a message (u16 length).
+pub const REPLY_FLAG_ERROR_TYPE: u16 = 1 << 15;
 
 /// Bytes of a request header.
 pub const REQUEST_LEN: usize = 28;
@@ -90,6 +94,10 @@ pub const STRUCTURED_SAFE_LEN: usize = CHUNK_LEN + 8;
 /// Largest option reply or error chunk body we accept (longer: a protocol error).
 pub const MAX_OPT_REPLY: u32 = 64 << 10;
 pub const MAX_ERROR_BODY: u32 = 4096 + 6 + 8;
+/// NBD_REP_INFO replies to one NBD_OPT_GO beyond which the server is
+/// considered broken: we ask for one information type, and proto.md has
+/// five; without a bound a server could keep the handshake going forever.
+pub const MAX_INFO_REPLIES: usize = 32;
 
 /// An export as negotiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,6 +114,38 @@ pub struct Export {
 impl Export {
     pub fn has(&self, f: u16) -> bool {
         self.flags & f != 0
+    }
+
+    /// Whether this export (of a later connection) can serve a device made
+    /// from `first`, whose logical block size is `lbs` and whose largest
+    /// request is `max_io` bytes: the device keeps what it learned at the
+    /// first handshake, so a connection to a smaller export, a read-only
+    /// one, one without a command the device sends (FLUSH, FUA, TRIM,
+    /// WRITE_ZEROES offered at first) or with block-size constraints its
+    /// requests break is refused (EIO) rather than used.
+    pub fn check_serves(&self, first: &Export, lbs: u32, max_io: u32) -> Result<()> {
+        let changed = |what: String| Err(Error::new(libc::EIO, format!("the NBD export changed since the first handshake: {what}")));
+        if self.size < first.size {
+            return changed(format!("its size shrank from {} to {} bytes", first.size, self.size));
+        }
+        if self.has(TFLAG_READ_ONLY) && !first.has(TFLAG_READ_ONLY) {
+            return changed("it became read-only".into());
+        }
+        let needed = [(TFLAG_SEND_FLUSH, "FLUSH"), (TFLAG_SEND_FUA, "FUA"), (TFLAG_SEND_TRIM, "TRIM"), (TFLAG_SEND_WRITE_ZEROES, "WRITE_ZEROES")];
+        for (f, name) in needed {
+            if first.has(f) && !self.has(f) {
+                return changed(format!("it no longer offers NBD_FLAG_SEND_{name} (flags {:#x} -> {:#x})", first.flags, self.flags));
+            }
+        }
+        if let Some((min, _, max)) = self.block_sizes {
+            if min > lbs {
+                return changed(format!("its minimum block size {min} is larger than the device's logical block size {lbs}"));
+            }
+            if max < max_io {
+                return changed(format!("its maximum payload {max} is smaller than the device's largest request ({max_io} bytes)"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -126,18 +166,42 @@ fn be64(b: &[u8]) -> u64 {
     u64::from_be_bytes(a)
 }
 
-fn read_exact<S: Read>(s: &mut S, buf: &mut [u8], what: &str) -> Result<()> {
-    s.read_exact(buf).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Error::new(libc::ECONNRESET, format!("NBD handshake: the server closed the connection while we waited for {what}"))
-        } else {
-            Error::from_io(e, format!("NBD handshake: reading {what}"))
-        }
-    })
+/// The handshake's deadline passed (ETIMEDOUT).
+fn late(what: &str) -> Error {
+    Error::new(libc::ETIMEDOUT, format!("NBD handshake: the deadline passed before {what} came through"))
 }
 
-fn write_all<S: Write>(s: &mut S, buf: &[u8], what: &str) -> Result<()> {
-    s.write_all(buf).map_err(|e| Error::from_io(e, format!("NBD handshake: sending {what}")))
+/// Reads all of `buf`, checking the handshake's deadline before each read:
+/// a per-read timeout alone would not bound a server that trickles a byte
+/// at a time.
+fn read_exact<S: Read>(s: &mut S, mut buf: &mut [u8], what: &str, deadline: Instant) -> Result<()> {
+    while !buf.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(late(what));
+        }
+        match s.read(buf) {
+            Ok(0) => return Err(Error::new(libc::ECONNRESET, format!("NBD handshake: the server closed the connection while we waited for {what}"))),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(e, format!("NBD handshake: reading {what}"))),
+        }
+    }
+    Ok(())
+}
+
+fn write_all<S: Write>(s: &mut S, mut buf: &[u8], what: &str, deadline: Instant) -> Result<()> {
+    while !buf.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(late(what));
+        }
+        match s.write(buf) {
+            Ok(0) => return Err(Error::new(libc::EPIPE, format!("NBD handshake: sending {what}"))),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::from_io(e, format!("NBD handshake: sending {what}"))),
+        }
+    }
+    Ok(())
 }
 
 /// Bytes of an option request.
@@ -151,9 +215,9 @@ pub fn encode_option(opt: u32, data: &[u8]) -> Vec<u8> {
 }
 
 /// One option reply: its type and (bounded) data.
-fn read_opt_reply<S: Read>(s: &mut S, opt: u32) -> Result<(u32, Vec<u8>)> {
+fn read_opt_reply<S: Read>(s: &mut S, opt: u32, deadline: Instant) -> Result<(u32, Vec<u8>)> {
     let mut h = [0u8; 20];
-    read_exact(s, &mut h, "an option reply")?;
+    read_exact(s, &mut h, "an option reply", deadline)?;
     if be64(&h[0..8]) != OPT_REPLY_MAGIC {
         return Err(violation(format!("bad option reply magic {:#x}", be64(&h[0..8]))));
     }
@@ -165,7 +229,7 @@ fn read_opt_reply<S: Read>(s: &mut S, opt: u32) -> Result<(u32, Vec<u8>)> {
         return Err(violation(format!("option reply of {len} bytes (limit {MAX_OPT_REPLY})")));
     }
     let mut data = vec![0u8; len as usize];
-    read_exact(s, &mut data, "option reply data")?;
+    read_exact(s, &mut data, "option reply data", deadline)?;
     Ok((typ, data))
 }
 
@@ -194,13 +258,15 @@ fn opt_error(opt: &str, typ: u32, data: &[u8], export: &str) -> Error {
 
 /// The fixed-newstyle handshake up to the transmission phase for `export`:
 /// structured replies when the server offers them, NBD_OPT_GO (falling back
-/// to NBD_OPT_EXPORT_NAME on servers without it).
-pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export> {
+/// to NBD_OPT_EXPORT_NAME on servers without it). All of it must be over by
+/// `deadline` (ETIMEDOUT otherwise), and the server may send at most
+/// MAX_INFO_REPLIES information replies.
+pub fn handshake<S: Read + Write>(s: &mut S, export: &str, deadline: Instant) -> Result<Export> {
     if export.len() > 4096 {
         return Err(Error::inval("NBD export name longer than 4096 bytes"));
     }
     let mut h = [0u8; 18];
-    read_exact(s, &mut h[..16], "the server greeting")?;
+    read_exact(s, &mut h[..16], "the server greeting", deadline)?;
     if be64(&h[0..8]) != NBDMAGIC {
         return Err(violation(format!("bad greeting magic {:#x} (not an NBD server?)", be64(&h[0..8]))));
     }
@@ -209,18 +275,18 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export> {
         OLDSTYLE_MAGIC => return Err(Error::new(libc::EOPNOTSUPP, "the NBD server speaks the oldstyle protocol; only fixed newstyle is supported")),
         m => return Err(violation(format!("bad greeting magic {m:#x} after NBDMAGIC"))),
     }
-    read_exact(s, &mut h[16..18], "the handshake flags")?;
+    read_exact(s, &mut h[16..18], "the handshake flags", deadline)?;
     let hflags = be16(&h[16..18]);
     if hflags & FLAG_FIXED_NEWSTYLE == 0 {
         return Err(Error::new(libc::EOPNOTSUPP, "the NBD server does not support fixed newstyle negotiation"));
     }
     let no_zeroes = hflags & FLAG_NO_ZEROES != 0;
     let cflags = FLAG_C_FIXED_NEWSTYLE | if no_zeroes { FLAG_C_NO_ZEROES } else { 0 };
-    write_all(s, &cflags.to_be_bytes(), "the client flags")?;
+    write_all(s, &cflags.to_be_bytes(), "the client flags", deadline)?;
 
     // structured replies, if offered
-    write_all(s, &encode_option(OPT_STRUCTURED_REPLY, &[]), "NBD_OPT_STRUCTURED_REPLY")?;
-    let (typ, data) = read_opt_reply(s, OPT_STRUCTURED_REPLY)?;
+    write_all(s, &encode_option(OPT_STRUCTURED_REPLY, &[]), "NBD_OPT_STRUCTURED_REPLY", deadline)?;
+    let (typ, data) = read_opt_reply(s, OPT_STRUCTURED_REPLY, deadline)?;
     let structured = match typ {
         REP_ACK => true,
         t if t & REP_ERR_BIT != 0 => false,
@@ -233,13 +299,18 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export> {
     go.extend_from_slice(export.as_bytes());
     go.extend_from_slice(&1u16.to_be_bytes());
     go.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-    write_all(s, &encode_option(OPT_GO, &go), "NBD_OPT_GO")?;
+    write_all(s, &encode_option(OPT_GO, &go), "NBD_OPT_GO", deadline)?;
     let mut exp = Export { structured, ..Default::default() };
     let mut got_export = false;
+    let mut infos = 0;
     loop {
-        let (typ, data) = read_opt_reply(s, OPT_GO)?;
+        let (typ, data) = read_opt_reply(s, OPT_GO, deadline)?;
         match typ {
             REP_INFO => {
+                infos += 1;
+                if infos > MAX_INFO_REPLIES {
+                    return Err(violation(format!("more than {MAX_INFO_REPLIES} NBD_REP_INFO replies to NBD_OPT_GO")));
+                }
                 if data.len() < 2 {
                     return Err(violation("NBD_REP_INFO shorter than its type"));
                 }
@@ -267,7 +338,7 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export> {
                 }
                 return finish_export(exp);
             }
-            REP_ERR_UNSUP => return export_name(s, export, structured, no_zeroes),
+            REP_ERR_UNSUP => return export_name(s, export, structured, no_zeroes, deadline),
             _ => return Err(opt_error("NBD_OPT_GO", typ, &data, export)),
         }
     }
@@ -275,11 +346,11 @@ pub fn handshake<S: Read + Write>(s: &mut S, export: &str) -> Result<Export> {
 
 /// NBD_OPT_EXPORT_NAME (servers without NBD_OPT_GO): the server answers with
 /// the export's size and flags, or closes the connection.
-fn export_name<S: Read + Write>(s: &mut S, export: &str, structured: bool, no_zeroes: bool) -> Result<Export> {
-    write_all(s, &encode_option(OPT_EXPORT_NAME, export.as_bytes()), "NBD_OPT_EXPORT_NAME")?;
+fn export_name<S: Read + Write>(s: &mut S, export: &str, structured: bool, no_zeroes: bool, deadline: Instant) -> Result<Export> {
+    write_all(s, &encode_option(OPT_EXPORT_NAME, export.as_bytes()), "NBD_OPT_EXPORT_NAME", deadline)?;
     let mut b = [0u8; 10 + 124];
     let n = if no_zeroes { 10 } else { 134 };
-    read_exact(s, &mut b[..n], "the export's size and flags").map_err(|e| {
+    read_exact(s, &mut b[..n], "the export's size and flags", deadline).map_err(|e| {
         if e.errno() == libc::ECONNRESET {
             Error::new(libc::ENOENT, format!("the NBD server closed the connection at NBD_OPT_EXPORT_NAME '{export}' (no such export?)"))
         } else {
@@ -360,6 +431,9 @@ pub fn chunk_body_len(flags: u16, typ: u16, length: u32) -> Result<usize> {
         REPLY_TYPE_OFFSET_HOLE => Err(violation(format!("OFFSET_HOLE chunk of length {length} (want 12)"))),
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET if (6..=MAX_ERROR_BODY).contains(&length) => Ok(length as usize),
         REPLY_TYPE_ERROR | REPLY_TYPE_ERROR_OFFSET => Err(violation(format!("error chunk of length {length}"))),
+        // an error type we do not know: its body starts as every error's
+        t if t & REPLY_FLAG_ERROR_TYPE != 0 && (6..=MAX_ERROR_BODY).contains(&length) => Ok(length as usize),
+        t if t & REPLY_FLAG_ERROR_TYPE != 0 => Err(violation(format!("error chunk of unknown type {t:#x} and length {length}"))),
         t => Err(violation(format!("unexpected reply chunk type {t}"))),
     }
 }
@@ -418,6 +492,16 @@ pub fn decode_chunk(typ: u16, length: u32, body: &[u8], read: bool, req_off: u64
                 return Err(violation("error chunk with error 0"));
             }
             Ok(Chunk::Error(local_errno(err)))
+        }
+        // proto.md: the client must consider the reply errored (and may go
+        // on) when the message fits the length; the type-specific rest and
+        // the error value mean nothing to us: EIO
+        t if t & REPLY_FLAG_ERROR_TYPE != 0 => {
+            let msg = be16(&body[4..6]) as u32;
+            if 6 + msg > length {
+                return Err(violation(format!("error chunk of unknown type {t:#x}, length {length}, with a {msg}-byte message")));
+            }
+            Ok(Chunk::Error(libc::EIO))
         }
         t => Err(violation(format!("unexpected reply chunk type {t}"))),
     }

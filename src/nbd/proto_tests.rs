@@ -3,16 +3,25 @@
 
 use super::*;
 use std::io::{Read, Write};
+use std::time::Duration;
 
 /// A scripted peer: what the server sends, and what the client wrote.
+/// `trickle`: each read waits this long and returns one byte.
 struct Mock {
     input: std::io::Cursor<Vec<u8>>,
     out: Vec<u8>,
+    trickle: Option<Duration>,
 }
 
 impl Read for Mock {
     fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        self.input.read(b)
+        match self.trickle {
+            Some(d) if !b.is_empty() => {
+                std::thread::sleep(d);
+                self.input.read(&mut b[..1])
+            }
+            _ => self.input.read(b),
+        }
     }
 }
 impl Write for Mock {
@@ -49,9 +58,80 @@ fn info_export(size: u64, flags: u16) -> Vec<u8> {
 }
 
 fn run(script: Vec<u8>, export: &str) -> (crate::Result<Export>, Vec<u8>) {
-    let mut m = Mock { input: std::io::Cursor::new(script), out: Vec::new() };
-    let r = handshake(&mut m, export);
+    let mut m = Mock { input: std::io::Cursor::new(script), out: Vec::new(), trickle: None };
+    let r = handshake(&mut m, export, Instant::now() + Duration::from_secs(60));
     (r, m.out)
+}
+
+/// A complete, correct handshake script (structured, GO) with `infos`
+/// NBD_INFO_DESCRIPTION replies before the export's.
+fn good_script(infos: usize) -> Vec<u8> {
+    let mut s = greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
+    s.extend(opt_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[]));
+    for _ in 0..infos {
+        s.extend(opt_reply(OPT_GO, REP_INFO, &[0, 2, b'x']));
+    }
+    s.extend(opt_reply(OPT_GO, REP_INFO, &info_export(1 << 20, TFLAG_HAS_FLAGS)));
+    s.extend(opt_reply(OPT_GO, REP_ACK, &[]));
+    s
+}
+
+#[test]
+fn handshake_deadline() {
+    // a server that sends a byte every 5 ms: each read is quick, the whole
+    // handshake is not (about 130 reads); the deadline ends it
+    let mut m = Mock { input: std::io::Cursor::new(good_script(0)), out: Vec::new(), trickle: Some(Duration::from_millis(5)) };
+    let t0 = Instant::now();
+    let e = handshake(&mut m, "", t0 + Duration::from_millis(100)).unwrap_err();
+    assert_eq!(e.errno(), libc::ETIMEDOUT, "{e}");
+    assert!(t0.elapsed() < Duration::from_millis(500), "{:?}", t0.elapsed());
+    // the same bytes at once are fine
+    assert_eq!(run(good_script(0), "").0.unwrap().size, 1 << 20);
+    // a deadline already past: not a single read
+    let mut m = Mock { input: std::io::Cursor::new(good_script(0)), out: Vec::new(), trickle: None };
+    assert_eq!(handshake(&mut m, "", Instant::now()).unwrap_err().errno(), libc::ETIMEDOUT);
+    assert_eq!(m.input.position(), 0);
+}
+
+#[test]
+fn handshake_info_replies_are_bounded() {
+    assert_eq!(run(good_script(MAX_INFO_REPLIES - 1), "").0.unwrap().size, 1 << 20);
+    let e = run(good_script(MAX_INFO_REPLIES), "").0.unwrap_err();
+    assert_eq!(e.errno(), libc::EPROTO);
+    assert!(e.message().contains("NBD_REP_INFO"), "{e}");
+}
+
+#[test]
+fn reconnected_export_checks() {
+    let bs = |min: u32, max: u32| Some((min, 4096.max(min), max));
+    let all = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    let first = Export { size: 1 << 30, flags: all, structured: true, block_sizes: bs(512, 32 << 20) };
+    let ok = |e: Export| e.check_serves(&first, 4096, 1 << 20);
+    ok(first).unwrap();
+    // more is fine: larger, new flags, no block sizes at all, not structured
+    ok(Export { size: 2 << 30, flags: all | TFLAG_SEND_DF | TFLAG_CAN_MULTI_CONN, structured: false, block_sizes: None }).unwrap();
+    // a minimum up to the device's logical block size, a maximum down to its largest request
+    ok(Export { block_sizes: bs(4096, 1 << 20), ..first }).unwrap();
+    let refused = |e: Export, what: &str| {
+        let err = ok(e).unwrap_err();
+        assert_eq!(err.errno(), libc::EIO);
+        assert!(err.message().contains(what), "{err} (want {what})");
+    };
+    refused(Export { size: (1 << 30) - 512, ..first }, "shrank");
+    refused(Export { flags: all | TFLAG_READ_ONLY, ..first }, "read-only");
+    for (f, name) in [(TFLAG_SEND_FLUSH, "FLUSH"), (TFLAG_SEND_FUA, "FUA"), (TFLAG_SEND_TRIM, "TRIM"), (TFLAG_SEND_WRITE_ZEROES, "WRITE_ZEROES")] {
+        refused(Export { flags: all & !f, ..first }, &format!("NBD_FLAG_SEND_{name} "));
+    }
+    // flags lost with HAS_FLAGS: all of them are gone
+    refused(Export { flags: 0, ..first }, "FLUSH");
+    refused(Export { block_sizes: bs(8192, 32 << 20), ..first }, "minimum block size 8192");
+    refused(Export { block_sizes: bs(512, 65536), ..first }, "maximum payload 65536");
+    // a device that never sent those commands does not need them
+    let bare = Export { flags: TFLAG_HAS_FLAGS, ..first };
+    Export { flags: 0, ..first }.check_serves(&bare, 512, 4096).unwrap();
+    // a read-only device may reconnect to a read-only export
+    let ro = Export { flags: TFLAG_HAS_FLAGS | TFLAG_READ_ONLY, ..first };
+    ro.check_serves(&ro, 512, 4096).unwrap();
 }
 
 #[test]
@@ -231,6 +311,10 @@ fn chunk_bodies() {
     assert!(chunk_body_len(0, REPLY_TYPE_ERROR, u32::MAX).is_err());
     assert!(chunk_body_len(0, 5, 100).is_err());
     assert!(chunk_body_len(0, 0x7fff, 0).is_err());
+    // an error type we do not know (bit 15): read, if its length is sane
+    assert_eq!(chunk_body_len(0, 0x8003, 10).unwrap(), 10);
+    assert!(chunk_body_len(0, 0x8003, 5).is_err());
+    assert!(chunk_body_len(1, 0xffff, MAX_ERROR_BODY + 1).is_err());
 
     let off = |o: u64| o.to_be_bytes().to_vec();
     // data inside the request (at 8192, 4096 bytes of a 16K read at 4096)
@@ -264,6 +348,20 @@ fn chunk_bodies() {
     assert_eq!(decode_chunk(REPLY_TYPE_ERROR_OFFSET, 14, &eo, true, 0, 512).unwrap(), Chunk::Error(libc::EIO));
     assert!(decode_chunk(REPLY_TYPE_ERROR_OFFSET, 14, &eo, true, 200, 512).is_err()); // offset outside
     assert_eq!(local_errno(12345), libc::EIO);
+    // unknown error types: the reply is an error (EIO, whatever the value),
+    // with any type-specific bytes after the message
+    let mut u = 28u32.to_be_bytes().to_vec();
+    u.extend_from_slice(&3u16.to_be_bytes());
+    u.extend_from_slice(b"bad");
+    u.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(decode_chunk(0x8003, 13, &u, true, 0, 512).unwrap(), Chunk::Error(libc::EIO));
+    assert_eq!(decode_chunk(0x8003, 9, &u[..9], false, 0, 512).unwrap(), Chunk::Error(libc::EIO));
+    assert_eq!(decode_chunk(0xfff0, 6, &[0, 0, 0, 0, 0, 0], true, 0, 512).unwrap(), Chunk::Error(libc::EIO));
+    assert!(decode_chunk(0x8003, 8, &u[..8], true, 0, 512).is_err()); // the message is longer than the chunk
+                                                                      // a DF read refused as too long: EOVERFLOW reaches the client
+    let mut o = 75u32.to_be_bytes().to_vec();
+    o.extend_from_slice(&0u16.to_be_bytes());
+    assert_eq!(decode_chunk(REPLY_TYPE_ERROR, 6, &o, true, 0, 1 << 20).unwrap(), Chunk::Error(libc::EOVERFLOW));
 }
 
 #[test]

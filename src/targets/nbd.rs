@@ -20,10 +20,11 @@
 use crate::config::{DeviceConfig, DiscardLimits};
 use crate::error::{Error, Result};
 use crate::nbd::client::{Conn, NbdQueue};
-use crate::nbd::conn::{self, Endpoint};
+use crate::nbd::conn::{self, Endpoint, ExportCheck};
 use crate::nbd::proto::{self, Export};
 use crate::queue::QueueInfo;
 use crate::target::{Target, TargetFactory};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +48,8 @@ pub struct NbdConfig {
     pub connections: u16,
     /// A request not answered this long after it arrived fails with EIO
     /// (it is re-sent meanwhile when its connection drops and comes back);
-    /// also bounds each connect and handshake (at most 10 s). At least 1 s.
+    /// also bounds each connect together with its whole handshake (at most
+    /// 10 s). At least 1 s.
     pub timeout: Duration,
 }
 
@@ -102,7 +104,9 @@ impl NbdConfig {
     /// arguments (`ublk recover` rebuilds the target from them). Refuses
     /// several connections (queues x connections) to a server that does not
     /// allow them (no NBD_FLAG_CAN_MULTI_CONN: a FLUSH on one connection
-    /// would not cover the writes of the others).
+    /// would not cover the writes of the others), and an export whose
+    /// minimum block size is over a page or whose maximum payload is under
+    /// one (ublk requests can be a page long, whatever the device's limits).
     pub fn configure(&self, e: &Export, cfg: &mut DeviceConfig) -> Result<()> {
         self.validate()?;
         let total = cfg.queues as u32 * self.connections as u32;
@@ -116,15 +120,19 @@ impl NbdConfig {
             ));
         }
         if let Some((min, _pref, max)) = e.block_sizes {
-            if min > crate::buf::page_size() as u32 {
+            let page = crate::buf::page_size() as u32;
+            if min > page {
                 return Err(Error::new(libc::EOPNOTSUPP, format!("the export's minimum block size {min} is larger than a page")));
+            }
+            if max < page {
+                return Err(Error::new(
+                    libc::EOPNOTSUPP,
+                    format!("the export's maximum payload {max} bytes is smaller than a page ({page} bytes): ublk cannot keep requests that small"),
+                ));
             }
             cfg.logical_block_size = cfg.logical_block_size.max(min);
             cfg.physical_block_size = cfg.physical_block_size.max(cfg.logical_block_size);
-            let page = crate::buf::page_size() as u32;
-            if max >= page {
-                cfg.max_io_bytes = cfg.max_io_bytes.min(max / page * page);
-            }
+            cfg.max_io_bytes = cfg.max_io_bytes.min(max / page * page);
         }
         let lbs = cfg.logical_block_size as u64;
         cfg.size = e.size / lbs * lbs;
@@ -140,7 +148,7 @@ impl NbdConfig {
         let zeroes = e.has(proto::TFLAG_SEND_WRITE_ZEROES);
         cfg.discard = (trim || zeroes).then(|| {
             let d = DiscardLimits::default();
-            let g = e.block_sizes.map_or(d.granularity, |(min, pref, _)| pref.max(min).max(512).min(1 << 20));
+            let g = e.block_sizes.map_or(d.granularity, |(min, pref, _)| pref.max(min).clamp(512, 1 << 20));
             DiscardLimits {
                 granularity: g,
                 max_discard_sectors: if trim { d.max_discard_sectors } else { 0 },
@@ -181,22 +189,44 @@ impl NbdConfig {
 
     /// The target of each queue: `connections` connections made on the
     /// queue thread (a failure fails the device's start), each checked
-    /// against `export` (the size must not have shrunk).
+    /// against `export` as every later reconnection is
+    /// (`Export::check_serves`: not smaller, not read-only, the commands
+    /// the device sends still offered, block sizes its requests fit).
     pub fn factory(&self, export: Export) -> TargetFactory {
         let me = self.clone();
         let ep = Arc::new(self.endpoint());
+        // one per device: once a server refuses a DF read, no queue sends DF
+        let no_df = Arc::new(AtomicBool::new(false));
         Arc::new(move |q: &QueueInfo| -> Result<Box<dyn Target>> {
+            let (lbs, max_io) = (device_lbs(q.dev_id, &export), q.max_io_bytes);
+            let check: ExportCheck = Arc::new(move |e: &Export| e.check_serves(&export, lbs, max_io));
             let mut conns = Vec::new();
             for _ in 0..me.connections {
                 let (fd, e) = conn::connect(&ep, me.handshake_timeout())?;
-                if e.size < export.size {
-                    return Err(Error::new(libc::EIO, format!("the NBD export shrank from {} to {} bytes", export.size, e.size)));
+                if let Err(err) = check(&e) {
+                    conn::say_goodbye(std::os::fd::AsRawFd::as_raw_fd(&fd));
+                    return Err(err.context(format!("NBD server {ep}")));
                 }
                 conns.push(Conn::new(fd, &e));
             }
             let label = format!("ublk{} q{}", q.dev_id, q.queue_id);
-            Ok(Box::new(NbdQueue::new(ep.clone(), export, me.timeout, conns, q.depth, label)?) as Box<dyn Target>)
+            Ok(Box::new(NbdQueue::new(ep.clone(), export, me.timeout, check, no_df.clone(), conns, q.depth, label)?) as Box<dyn Target>)
         })
+    }
+}
+
+/// The logical block size of device `dev_id`, from the kernel (its
+/// parameters are set before the queues start); when it cannot be asked,
+/// the smallest the device can have: 512, and no less than the first
+/// handshake's minimum block size (`configure` makes sure of both).
+fn device_lbs(dev_id: u32, first: &Export) -> u32 {
+    let asked = crate::ctrl::Ctrl::open().and_then(|mut c| {
+        c.attach(dev_id)?;
+        c.get_params(dev_id)
+    });
+    match asked {
+        Ok(p) if (9..=16).contains(&p.basic.logical_bs_shift) => 1 << p.basic.logical_bs_shift,
+        _ => first.block_sizes.map_or(512, |(min, _, _)| min.max(512)),
     }
 }
 
@@ -238,6 +268,21 @@ mod tests {
         assert_eq!((c.logical_block_size, c.max_io_bytes), (4096, 1 << 20));
         e.size = 100;
         assert!(n.configure(&e, &mut DeviceConfig::default()).is_err());
+
+        // a maximum payload under a page: refused, ublk cannot keep requests that small
+        let page = crate::buf::page_size() as u32;
+        let mut e = export(0);
+        for max in [512, 2048, page - 1] {
+            e.block_sizes = Some((512, 512, max));
+            let err = n.configure(&e, &mut DeviceConfig::default()).unwrap_err();
+            assert_eq!(err.errno(), libc::EOPNOTSUPP);
+            assert!(err.message().contains("maximum payload"), "{err}");
+        }
+        // exactly a page, or a bit more: requests of a page (rounded down)
+        e.block_sizes = Some((512, 512, page + 512));
+        let mut c = DeviceConfig::default();
+        n.configure(&e, &mut c).unwrap();
+        assert_eq!(c.max_io_bytes, page);
     }
 
     #[test]

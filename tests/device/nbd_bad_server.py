@@ -2,10 +2,13 @@
 """A small NBD server for tests (Python 3 stdlib only), correct or malformed.
 
     nbd_bad_server.py --port P --mode MODE [--size BYTES] [--simple] [--once]
+                      [--no-flush] [--min-block N]
 
 Serves a RAM disk (zeroes at start) over fixed newstyle NBD: NBD_OPT_GO
-(NBD_OPT_EXPORT_NAME too), structured replies unless --simple, FLUSH, TRIM,
-WRITE_ZEROES, CAN_MULTI_CONN. Prints "listening PORT" once it accepts.
+(NBD_OPT_EXPORT_NAME too), structured replies unless --simple, FLUSH (not
+with --no-flush), TRIM, WRITE_ZEROES, CAN_MULTI_CONN. Prints "listening
+PORT" once it accepts, and "accepted" for each connection. --min-block:
+NBD_INFO_BLOCK_SIZE with that minimum (preferred 4096 or more, maximum 32 MiB).
 
 In the malformed modes it misbehaves on READs that start inside the trap
 region [8 MiB, 16 MiB) (the kernel's partition scan at the start and end of
@@ -20,19 +23,31 @@ the disk is served correctly); with --once only the first time:
   chunk-past-end   structured: an OFFSET_DATA chunk ending past the read
   error-chunk      structured: an NBD_REPLY_TYPE_ERROR chunk (EIO) - a
                    correct reply that fails the read
+  unknown-error    structured: an error chunk of a type the client cannot
+                   know (0x8003) with a well-formed body (error, message,
+                   4 type-specific bytes) - the read fails, the connection
+                   stays (simple mode: a simple reply with EIO)
   split            (correct) structured: every READ of 8 KiB or more in
                    several chunks, out of order: the second half as data,
                    then the first half as a hole when it is all zeroes (else
                    data), then a NONE chunk with the DONE flag
+and on every READ:
+  df-overflow      (correct) offers NBD_FLAG_SEND_DF (structured) and answers
+                   a READ with NBD_CMD_FLAG_DF longer than 64 KiB with an
+                   NBD_EOVERFLOW error chunk, as proto.md allows; READs
+                   without DF are served
 and at the handshake (every connection):
   bad-greeting     a greeting that is not NBD
   no-fixed         newstyle without the fixed-newstyle flag
+  trickle          the greeting and every option reply one byte a second
+  endless-info     NBD_REP_INFO replies to NBD_OPT_GO, without end
 """
 import argparse
 import socket
 import struct
 import sys
 import threading
+import time
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -61,19 +76,32 @@ class Conn:
         self.s, self.a, self.disk = s, a, disk
         self.structured = False
 
+    def send_hs(self, b):
+        """Handshake bytes: at once, or one a second in trickle mode."""
+        if self.a.mode != "trickle":
+            self.s.sendall(b)
+            return
+        for i in range(len(b)):
+            self.s.sendall(b[i:i + 1])
+            time.sleep(1)
+
     def opt_reply(self, opt, typ, data=b""):
-        self.s.sendall(struct.pack(">QIII", REPLY_MAGIC, opt, typ, len(data)) + data)
+        self.send_hs(struct.pack(">QIII", REPLY_MAGIC, opt, typ, len(data)) + data)
 
     def handshake(self):
         if self.a.mode == "bad-greeting":
             self.s.sendall(b"SSH-2.0-OpenSSH_9.2p1\r\n")
             return False
         flags = 0 if self.a.mode == "no-fixed" else 3
-        self.s.sendall(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags))
+        self.send_hs(struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags))
         cflags = struct.unpack(">I", recv_exact(self.s, 4))[0]
         if flags == 0:
             return False
         tflags = 1 | 4 | 8 | 32 | 64 | 256  # HAS_FLAGS FLUSH FUA TRIM WRITE_ZEROES MULTI_CONN
+        if self.a.no_flush:
+            tflags &= ~4
+        if self.a.mode == "df-overflow" and not self.a.simple:
+            tflags |= 128  # SEND_DF
         size = len(self.disk)
         while True:
             magic, opt, ln = struct.unpack(">QII", recv_exact(self.s, 16))
@@ -87,7 +115,11 @@ class Conn:
                     self.structured = True
                     self.opt_reply(opt, 1)
             elif opt == 7:  # GO
+                while self.a.mode == "endless-info":
+                    self.opt_reply(opt, 3, struct.pack(">H", 2) + b"endless")  # NBD_INFO_DESCRIPTION
                 self.opt_reply(opt, 3, struct.pack(">HQH", 0, size, tflags))
+                if self.a.min_block:
+                    self.opt_reply(opt, 3, struct.pack(">HIII", 3, self.a.min_block, max(4096, self.a.min_block), 32 << 20))
                 self.opt_reply(opt, 1)
                 return True
             elif opt == 1:  # EXPORT_NAME
@@ -159,6 +191,13 @@ class Conn:
             else:
                 self.simple(5, handle)
             return True
+        if m == "unknown-error":
+            if self.structured:
+                msg = b"an error type from the future"
+                self.chunk(1, (1 << 15) | 3, handle, struct.pack(">IH", 5, len(msg)) + msg + b"\x01\x02\x03\x04")
+            else:
+                self.simple(5, handle)
+            return True
         self.read_reply(handle, off, ln)
         return True
 
@@ -177,8 +216,12 @@ class Conn:
                     recv_exact(self.s, ln)
                 self.simple(22, handle)
                 continue
-            if typ == 0:
-                bad = self.a.mode not in ("good", "split") and TRAP[0] <= off < TRAP[1]
+            if typ == 0 and self.a.mode == "df-overflow" and flags & 4 and ln > 65536:
+                print(f"trap: df-overflow on READ {off}+{ln} with DF", flush=True)
+                msg = b"DF read over 64 KiB"
+                self.chunk(1, (1 << 15) | 1, handle, struct.pack(">IH", 75, len(msg)) + msg)  # NBD_EOVERFLOW
+            elif typ == 0:
+                bad = self.a.mode not in ("good", "split", "df-overflow") and TRAP[0] <= off < TRAP[1]
                 if bad and self.a.once and tripped.is_set():
                     bad = False
                 if bad:
@@ -210,6 +253,8 @@ def main():
     p.add_argument("--size", type=int, default=64 << 20)
     p.add_argument("--simple", action="store_true")
     p.add_argument("--once", action="store_true")
+    p.add_argument("--no-flush", action="store_true")
+    p.add_argument("--min-block", type=int, default=0)
     a = p.parse_args()
     disk = bytearray(a.size)
     ls = socket.socket()
@@ -229,6 +274,7 @@ def main():
 
     while True:
         s, _ = ls.accept()
+        print("accepted", flush=True)
         threading.Thread(target=run, args=(s,), daemon=True).start()
 
 

@@ -10,9 +10,13 @@
 # unknown handles, replies for requests not in flight, close mid-payload,
 # chunks past the request end, error chunks: the read fails or, when the
 # retry gets a good answer, succeeds with the right data; the ublk server
-# stays alive, other IO works, `del` works), refused handshakes and bad
-# command lines, and `ublk recover` of an nbd device.
-# timeout: 1200
+# stays alive, other IO works, `del` works; error chunks, of a known type or
+# not, fail the read at once and keep the connection), a server that
+# refuses DF reads over 64 KiB (EOVERFLOW: the read is sent again without
+# DF), refused handshakes (a trickling server and endless NBD_REP_INFO:
+# `add` fails within the bound) and bad command lines, a reconnection
+# refused because the export lost FLUSH, and `ublk recover` of an nbd device.
+# timeout: 1500
 . "$(dirname "$0")/lib.sh"
 t_require fio qemu-nbd qemu-img mkfs.ext4 fsck.ext4 python3 cmp sha256sum
 
@@ -258,16 +262,31 @@ for m in bad-greeting no-fixed; do
     expect_add_fails "handshake-$m" 1 'EPROTO|EOPNOTSUPP' nbd --host 127.0.0.1 --port "$PORT"
     bad_stop
 done
+# the whole handshake is bounded: a server that trickles a byte a second
+# (never long enough for a per-read timeout) fails within --timeout 3, one
+# that sends NBD_REP_INFO without end is refused after a few
+for m in trickle:'ETIMEDOUT.*|did not finish within 3s' endless-info:'EPROTO.*|NBD_REP_INFO'; do
+    bad_start "${m%%:*}" || { fail "handshake-${m%%:*}" "bad server did not start"; continue; }
+    t0=$SECONDS
+    expect_add_fails "handshake-${m%%:*}" 1 "${m#*:}" nbd --host 127.0.0.1 --port "$PORT" --timeout 3
+    if ((SECONDS - t0 > 10)); then fail "handshake-${m%%:*}-bounded" "add took $((SECONDS - t0))s (handshake bound 3 s)"; else pass "handshake-${m%%:*}-bounded ($((SECONDS - t0))s)"; fi
+    bad_stop
+done
 
 # --- the malformed server ------------------------------------------------------------------
-# bad_case NAME EXPECT(fail|ok) SERVER-ARGS...: a 4 KiB read in the trap region
+# bad_case NAME EXPECT(fail|fail-keep|ok) SERVER-ARGS...: a 4 KiB read in the
+# trap region. fail-keep: the read fails with EIO within 10 s although the
+# timeout is 30 s (not by timing out after retries) and the connection is
+# never dropped.
 bad_case() {
-    local name=$1 expect=$2
+    local name=$1 expect=$2 timeout=3
     shift 2
+    [[ $expect == fail-keep ]] && timeout=30
     bad_start "$@" || { fail "bad-$name" "the bad server did not start"; return; }
-    if ! nbd_add "bad-$name-add" --timeout 3; then bad_stop; return; fi
-    local id=$DEV_ID dev=$DEV_PATH pid t0 rc
+    if ! nbd_add "bad-$name-add" --timeout "$timeout"; then bad_stop; return; fi
+    local id=$DEV_ID dev=$DEV_PATH pid t0 rc log0
     pid=$(server_pid "$id")
+    log0=$(wc -l <"$SERVER_LOG")
     # 16 KiB of data just before the trap region, then one dd reads it and
     # the first 16 KiB of the trap (zeroes) through the same buffer: stale
     # data must not survive a hole
@@ -278,11 +297,20 @@ bad_case() {
     t0=$SECONDS
     run_with_timeout 60 dd if="$dev" of="$T_WORK/trap.out" bs=16k count=2 skip=511 iflag=direct 2>"$T_WORK/dd.err"
     rc=$?
-    if [[ $expect == fail ]]; then
+    if [[ $expect == fail* ]]; then
         if ((rc != 0 && rc != 124)) && grep -qi 'Input/output error' "$T_WORK/dd.err"; then
             pass "bad-$name-read-fails (EIO after $((SECONDS - t0))s)"
         else
             fail "bad-$name-read-fails" "dd rc=$rc: $(head -c 200 "$T_WORK/dd.err")"
+        fi
+        if [[ $expect == fail-keep ]]; then
+            local drops
+            drops=$(tail -n +$((log0 + 1)) "$SERVER_LOG" | grep -c "dropping the connection")
+            if ((SECONDS - t0 <= 10 && drops == 0)); then
+                pass "bad-$name-connection-kept"
+            else
+                fail "bad-$name-connection-kept" "EIO after $((SECONDS - t0))s, $drops connection drop(s) in the server log"
+            fi
         fi
     else
         if ((rc == 0)) && cmp -s "$T_WORK/trap.out" "$T_WORK/want"; then
@@ -317,9 +345,69 @@ bad_case close-mid-payload fail close-mid-payload
 bad_case close-mid-payload-once ok close-mid-payload --once
 bad_case close-mid-payload-simple-once ok close-mid-payload --simple --once
 bad_case chunk-past-end fail chunk-past-end
-bad_case error-chunk fail error-chunk
-bad_case error-simple fail error-chunk --simple
+bad_case error-chunk fail-keep error-chunk
+bad_case error-simple fail-keep error-chunk --simple
+bad_case unknown-error fail-keep unknown-error
 grep -q "NBD protocol violation" "$SERVER_LOG" && pass "violations-logged" || fail "violations-logged" "no protocol violation in the server log"
+
+# --- DF reads refused with EOVERFLOW: sent again without DF ---------------------------------
+if bad_start df-overflow && nbd_add df-add --timeout 10; then
+    id=$DEV_ID dev=$DEV_PATH
+    head -c $((2 << 20)) /dev/urandom >"$T_WORK/dfpat"
+    if run_with_timeout 60 dd if="$T_WORK/dfpat" of="$dev" bs=512k seek=2 oflag=direct status=none &&
+        run_with_timeout 60 dd if="$dev" of="$T_WORK/dfback" bs=512k skip=2 count=4 iflag=direct status=none 2>"$T_WORK/dd.err" &&
+        cmp -s "$T_WORK/dfpat" "$T_WORK/dfback"; then
+        pass "df-overflow-512k-reads"
+    else
+        fail "df-overflow-512k-reads" "512 KiB reads failed or differ: $(head -c 200 "$T_WORK/dd.err")"
+    fi
+    # DF was sent and refused, and given up for good (no DF on the later reads)
+    grep -q "trap: df-overflow" "$T_WORK/bad.log" && grep -q "READs go without DF" "$SERVER_LOG" &&
+        pass "df-overflow-fallback ($(grep -c 'trap: df-overflow' "$T_WORK/bad.log") refused)" ||
+        fail "df-overflow-fallback" "no refused DF read in the bad server's log, or no fallback in the server log"
+    n0=$(grep -c "trap: df-overflow" "$T_WORK/bad.log")
+    run_with_timeout 60 dd if="$dev" of=/dev/null bs=512k count=8 iflag=direct status=none
+    (($(grep -c "trap: df-overflow" "$T_WORK/bad.log") == n0)) && pass "df-overflow-no-df-after" || fail "df-overflow-no-df-after" "READs still carry DF"
+    dev_del "$id" || fail "df-overflow-del" "ublk del failed"
+else
+    fail "df-overflow" "the bad server or the device did not start"
+fi
+bad_stop
+
+# --- a reconnection to an export that lost FLUSH is refused, with backoff; one whose
+# minimum block size grew to the device's logical block size (4096, asked of the kernel) is used
+if bad_start good && nbd_add noflush-add --queues 1 --timeout 5 --logical-block-size 4096; then
+    id=$DEV_ID dev=$DEV_PATH
+    log0=$(wc -l <"$SERVER_LOG")
+    bad_stop
+    acc0=$(grep -c "^accepted" "$T_WORK/bad.log")
+    t0=$SECONDS
+    bad_start good --no-flush
+    if run_with_timeout 60 dd if="$dev" of=/dev/null bs=4k count=1 skip=300 iflag=direct 2>/dev/null; then
+        fail "noflush-refused" "a read succeeded through an export without FLUSH"
+    else
+        tail -n +$((log0 + 1)) "$SERVER_LOG" | grep -q "no longer offers NBD_FLAG_SEND_FLUSH" && pass "noflush-refused" ||
+            fail "noflush-refused" "no refusal naming FLUSH in the server log"
+    fi
+    bad_stop
+    # refused attempts back off (100 ms doubling to 5 s): a handful in these
+    # seconds, not one every 100 ms
+    n=$(($(grep -c "^accepted" "$T_WORK/bad.log") - acc0))
+    ((n >= 1 && n <= 12)) && pass "noflush-backoff ($n attempts in $((SECONDS - t0))s)" || fail "noflush-backoff" "$n attempts in $((SECONDS - t0))s"
+    log1=$(wc -l <"$SERVER_LOG")
+    bad_start good --min-block 4096
+    wait_until 30 eval 'tail -n +$((log1 + 1)) "$SERVER_LOG" | grep -q reconnected' ||
+        { tail -n +$((log1 + 1)) "$SERVER_LOG" | tail -n 5; fail "noflush-back" "no reconnection to the export with FLUSH and minimum block size 4096"; }
+    if run_with_timeout 60 dd if="$dev" of=/dev/null bs=4k count=1 skip=300 iflag=direct 2>/dev/null; then
+        pass "noflush-back (the export with FLUSH is used again; minimum block 4096 = the device's)"
+    else
+        fail "noflush-back" "IO failed once the export had FLUSH again"
+    fi
+    dev_del "$id" || fail "noflush-del" "ublk del failed"
+else
+    fail "noflush" "the bad server or the device did not start"
+fi
+bad_stop
 
 # --- recovery: the state file names the export; a new server takes over ------------------------
 truncate -s 64M "$img"

@@ -102,11 +102,13 @@ impl NbdQueue {
                     self.reply_done(ctx, ci, tag);
                 }
                 Head::Chunk { flags, typ, handle, length } => {
+                    // the request first: a malformed chunk then fails it
+                    // (EIO) instead of leaving it to be sent again
+                    let tag = self.lookup(ci, handle)?;
                     let need = proto::CHUNK_LEN + proto::chunk_body_len(flags, typ, length)?;
                     if have < need {
                         return Ok(Some(need - have));
                     }
-                    let tag = self.lookup(ci, handle)?;
                     let r = &self.reqs[tag];
                     let body = &self.conns[ci].rx[proto::CHUNK_LEN..need];
                     let ch = proto::decode_chunk(typ, length, body, r.read, r.off, r.len)?;
@@ -220,6 +222,21 @@ impl NbdQueue {
         let r = &mut self.reqs[tag];
         r.wire = false;
         r.conn = None;
+        let c = &mut self.conns[ci];
+        c.on_wire -= 1;
+        c.reads_on_wire -= r.read as u32;
+        if r.df_refused() {
+            // proto.md: a server may refuse a DF read over 64 KiB; the
+            // device gives DF up and this read goes again without it
+            if !self.no_df.swap(true, Ordering::Relaxed) {
+                eprintln!(
+                    "ublk nbd: {}: {} refused a {}-byte READ with NBD_CMD_FLAG_DF (EOVERFLOW): READs go without DF from now on",
+                    self.label, self.ep, r.len
+                );
+            }
+            r.requeue = true;
+            return self.settle(ctx, tag);
+        }
         r.result = Some(if r.err < 0 {
             r.err
         } else if r.has_data {
@@ -227,9 +244,6 @@ impl NbdQueue {
         } else {
             0
         });
-        let c = &mut self.conns[ci];
-        c.on_wire -= 1;
-        c.reads_on_wire -= r.read as u32;
         self.settle(ctx, tag);
     }
 

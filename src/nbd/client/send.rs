@@ -8,6 +8,7 @@ impl NbdQueue {
     /// Sends batches of headers on `ci` while its send chain is idle: each
     /// batch ends at a WRITE, whose payload the lease then sends.
     pub(super) fn tx_kick(&mut self, ctx: &mut QueueCtx<'_>, ci: usize) {
+        let no_df = self.no_df.load(Ordering::Relaxed);
         loop {
             let c = &mut self.conns[ci];
             if c.state != State::Up || c.tx_busy || c.sendq.is_empty() {
@@ -23,7 +24,8 @@ impl NbdQueue {
                 c.on_wire += 1;
                 c.reads_on_wire += r.read as u32;
                 let (off, len) = if r.cmd == proto::CMD_FLUSH { (0, 0) } else { (r.off, r.len) };
-                let flags = if r.cmd == proto::CMD_READ && c.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
+                r.df = r.cmd == proto::CMD_READ && c.df && !no_df;
+                let flags = if r.df { r.flags | proto::CMD_FLAG_DF } else { r.flags };
                 proto::encode_request(&mut c.tx[n * proto::REQUEST_LEN..(n + 1) * proto::REQUEST_LEN], flags, r.cmd, handle(tag, r.seq), off, len);
                 n += 1;
                 if r.cmd == proto::CMD_WRITE {
