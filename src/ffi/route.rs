@@ -99,7 +99,6 @@ impl Table {
         let e = &self.extents[i];
         (e.flags & need != 0 && off + len as u64 <= e.end()).then(|| (e.fd, e.file_off + (off - e.start)))
     }
-
 }
 
 /// A device's table as its queues read it: a snapshot per change, and a
