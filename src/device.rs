@@ -368,6 +368,7 @@ impl Device {
                 q_id: q,
                 depth: self.info.queue_depth,
                 buf_bytes: self.info.max_io_buf_bytes,
+                logical_block_size: self.cfg.logical_block_size,
                 char_fd,
                 affinity,
                 mode: self.mode,
@@ -523,19 +524,27 @@ impl Device {
                 return Err(Error::new(libc::ETIMEDOUT, "queue threads did not exit"));
             }
         }
-        match r {
-            Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => Err(e),
-            _ => Ok(()),
-        }
+        gone_is_done(r)
     }
 
     /// Stops (if started) and deletes the device.
     pub fn delete(mut self) -> Result<()> {
-        self.teardown()
+        self.teardown(false)
     }
 
-    fn teardown(&mut self) -> Result<()> {
+    /// `delete`, but a queue thread that does not exit (stuck in a target
+    /// callback) is waited for, saying so on stderr every 10 s, instead of
+    /// the device being leaked with the thread still running: for the C
+    /// API, whose callbacks use memory the caller frees once this returns.
+    pub(crate) fn delete_waiting(mut self) -> Result<()> {
+        self.teardown(true)
+    }
+
+    fn teardown(&mut self, wait_stuck: bool) -> Result<()> {
         let stopped = self.stop();
+        while wait_stuck && !self.threads.is_empty() && !self.wait_timeout(Duration::from_secs(10)) {
+            eprintln!("ublk: device {}: a queue thread is still in a callback; waiting for it", self.info.dev_id);
+        }
         if !self.threads.is_empty() {
             // Queue threads still use the char fd and its mappings: closing it
             // now would leave DEL_DEV waiting for nothing. Leak the device.
@@ -550,20 +559,26 @@ impl Device {
             return stopped;
         }
         StateFile::remove(&self.cfg.state_dir, self.info.dev_id);
-        let del = match self.ctrl.del_dev(self.info.dev_id, self.cfg.timeout) {
-            Err(e) if e.errno() == libc::ENODEV || e.errno() == libc::ENOENT => Ok(()),
-            r => r,
-        };
+        let del = gone_is_done(self.ctrl.del_dev(self.info.dev_id, self.cfg.timeout));
         self.exits = None;
         self.info.dev_id = u32::MAX;
         stopped.and(del)
     }
 }
 
+/// A STOP_DEV or DEL_DEV result, with a device already gone (ENODEV,
+/// ENOENT) counted as done.
+pub(crate) fn gone_is_done(r: Result<()>) -> Result<()> {
+    match r {
+        Err(e) if e.errno() == libc::ENODEV || e.errno() == libc::ENOENT => Ok(()),
+        r => r,
+    }
+}
+
 impl Drop for Device {
     fn drop(&mut self) {
         if self.info.dev_id != u32::MAX {
-            if let Err(e) = self.teardown() {
+            if let Err(e) = self.teardown(false) {
                 eprintln!("ublk: removing device {}: {e}", self.info.dev_id);
             }
         }

@@ -246,13 +246,14 @@ impl QueueCore {
         if fd < 0 {
             return Err(Error::new(libc::EBADF, format!("{}: bad fd {fd}", kind.name())));
         }
+        let len = range.end - range.start;
         // (io_uring reads an offset of -1 as "the file position")
-        if !kind.stream() && file_off.checked_add((range.end - range.start) as u64).is_none_or(|e| e > i64::MAX as u64) {
-            return Err(Error::inval(format!("{}: file offset {file_off} + {} is past the largest file offset", kind.name(), range.end - range.start)));
+        if !kind.stream() && file_off.checked_add(len as u64).is_none_or(|e| e > i64::MAX as u64) {
+            return Err(Error::inval(format!("{}: file offset {file_off} + {len} is past the largest file offset", kind.name())));
         }
         self.lease_prepare(tag, l.op)?;
         let rw_flags = if kind == Kind::WriteFrom && l.flags.fua() { libc::RWF_DSYNC } else { 0 };
-        let op = LeaseOp { tag, kind, fd, file_off, buf_off: range.start, len: range.end - range.start, done: 0, rw_flags, data, zero_fill: false };
+        let op = LeaseOp { tag, kind, fd, file_off, buf_off: range.start, len, done: 0, rw_flags, data, zero_fill: false };
         let idx = self.leases.ops.insert(op);
         let st = &mut self.leases.state[tag as usize];
         st.used = true;

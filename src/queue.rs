@@ -38,6 +38,7 @@ pub(crate) struct QueueSetup {
     pub q_id: u16,
     pub depth: u16,
     pub buf_bytes: u32,
+    pub logical_block_size: u32,
     pub char_fd: RawFd,
     pub affinity: Vec<usize>,
     pub mode: DataMode,
@@ -54,6 +55,8 @@ pub struct QueueInfo {
     pub depth: u16,
     /// Largest request in bytes.
     pub max_io_bytes: u32,
+    /// The device's logical block size in bytes.
+    pub logical_block_size: u32,
 }
 
 /// Per-tag bookkeeping private to the queue thread.
@@ -382,7 +385,7 @@ impl Queue {
             stats: Default::default(),
             _bufs: bufs.clone(),
         });
-        let info = QueueInfo { dev_id: s.dev_id, queue_id: s.q_id, depth: s.depth, max_io_bytes: s.buf_bytes };
+        let info = QueueInfo { dev_id: s.dev_id, queue_id: s.q_id, depth: s.depth, max_io_bytes: s.buf_bytes, logical_block_size: s.logical_block_size };
         let target = factory(&info).map_err(|e| e.context(format!("target setup of queue {}", s.q_id)))?;
         let mut core = QueueCore {
             ring,

@@ -2,6 +2,7 @@
 
 use super::io::{on_queue_thread_of, FfiQueue, FfiTarget};
 use super::{guard, guard_or, null_err, opt_str};
+use crate::device::gone_is_done;
 use crate::error::Error;
 use crate::{Device, DeviceConfig, DiscardLimits, QueueInfo, Recovery, StopHandle, Target, TargetFactory, ZeroCopy};
 use parking_lot::Mutex;
@@ -540,20 +541,16 @@ pub extern "C" fn ublk_dev_stop(dev: *mut ublk_dev) -> c_int {
             let t = std::thread::Builder::new()
                 .name("ublk-stop".into())
                 .spawn(move || {
-                    if let Err(e) = stop.stop() {
-                        if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT {
-                            eprintln!("ublk: ublk_dev_stop: {e}");
-                        }
+                    if let Err(e) = gone_is_done(stop.stop()) {
+                        eprintln!("ublk: ublk_dev_stop: {e}");
                     }
                 })
                 .map_err(|e| Error::from_io(e, "cannot spawn the thread that stops the device"))?;
             *stopper = Some(t);
             return Ok(0);
         }
-        match d.stop.stop() {
-            Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => Err(e),
-            _ => Ok(0),
-        }
+        gone_is_done(d.stop.stop())?;
+        Ok(0)
     })
 }
 
@@ -580,15 +577,10 @@ pub extern "C" fn ublk_dev_free(dev: *mut ublk_dev) {
         if let Some(t) = d.stopper.lock().take() {
             let _ = t.join();
         }
-        if let Some(mut device) = d.dev.lock().take() {
-            // (its errors are the delete's too)
-            let _ = device.stop();
+        if let Some(device) = d.dev.lock().take() {
             // `user` must outlive the callbacks: a queue thread stuck in one
             // is waited for, not left running on memory the caller frees next
-            while !device.wait_timeout(Duration::from_secs(10)) {
-                eprintln!("ublk: device {}: a queue thread is still in a callback; ublk_dev_free waits for it", d.info.dev_id);
-            }
-            device.delete()?;
+            device.delete_waiting()?;
         }
         Ok(0)
     });

@@ -198,7 +198,7 @@ impl NbdConfig {
         // one per device: once a server refuses a DF read, no queue sends DF
         let no_df = Arc::new(AtomicBool::new(false));
         Arc::new(move |q: &QueueInfo| -> Result<Box<dyn Target>> {
-            let (lbs, max_io) = (device_lbs(q.dev_id, &export), q.max_io_bytes);
+            let (lbs, max_io) = (q.logical_block_size, q.max_io_bytes);
             let check: ExportCheck = Arc::new(move |e: &Export| e.check_serves(&export, lbs, max_io));
             let mut conns = Vec::new();
             for _ in 0..me.connections {
@@ -212,21 +212,6 @@ impl NbdConfig {
             let label = format!("ublk{} q{}", q.dev_id, q.queue_id);
             Ok(Box::new(NbdQueue::new(ep.clone(), export, me.timeout, check, no_df.clone(), conns, q.depth, label)?) as Box<dyn Target>)
         })
-    }
-}
-
-/// The logical block size of device `dev_id`, from the kernel (its
-/// parameters are set before the queues start); when it cannot be asked,
-/// the smallest the device can have: 512, and no less than the first
-/// handshake's minimum block size (`configure` makes sure of both).
-fn device_lbs(dev_id: u32, first: &Export) -> u32 {
-    let asked = crate::ctrl::Ctrl::open().and_then(|mut c| {
-        c.attach(dev_id)?;
-        c.get_params(dev_id)
-    });
-    match asked {
-        Ok(p) if (9..=16).contains(&p.basic.logical_bs_shift) => 1 << p.basic.logical_bs_shift,
-        _ => first.block_sizes.map_or(512, |(min, _, _)| min.max(512)),
     }
 }
 
