@@ -248,7 +248,7 @@ impl QueueCore {
         }
         let len = range.end - range.start;
         // (io_uring reads an offset of -1 as "the file position")
-        if !kind.stream() && file_off.checked_add(len as u64).is_none_or(|e| e > i64::MAX as u64) {
+        if !kind.stream() && file_off.checked_add(len as u64).map_or(true, |e| e > i64::MAX as u64) {
             return Err(Error::inval(format!("{}: file offset {file_off} + {len} is past the largest file offset", kind.name())));
         }
         self.lease_prepare(tag, l.op)?;
@@ -324,7 +324,7 @@ impl QueueCore {
             // the registered buffer's addresses are offsets into the request
             let addr = off as usize as *mut u8;
             if op.zero_fill {
-                let zfd = self.zero_fd.as_ref().map_or(-1, |f| std::os::fd::AsRawFd::as_raw_fd(f));
+                let zfd = self.zero_fd.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
                 opcode::ReadFixed::new(types::Fd(zfd), addr, len, tag).offset(0).build()
             } else if op.kind.fills() {
                 on_fd!(self, op.fd, |f| opcode::ReadFixed::new(f, addr, len, tag).offset(file_off).build())

@@ -109,7 +109,7 @@ fn with_ctx<R>(ctx: &mut QueueCtx<'_>, q: &Arc<FfiQueue>, f: impl FnOnce() -> R)
     // SAFETY: the pointer is only dereferenced by calls made from `f`, on this
     // thread, while `ctx` is still mutably borrowed here; the previous value
     // is restored before returning, so it never outlives the borrow.
-    let p = ctx as *mut QueueCtx<'_> as *mut QueueCtx<'static>;
+    let p = (ctx as *mut QueueCtx<'_>).cast::<QueueCtx<'static>>();
     // (one lookup of the thread-local for both accesses: in a shared library
     // each one is a call)
     CURRENT.with(|c| {

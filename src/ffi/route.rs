@@ -177,7 +177,7 @@ fn check_range(dev: &super::device::ublk_dev, off: u64, len: u64) -> Result<()> 
     if len == 0 || off % lbs as u64 != 0 || len % lbs as u64 != 0 {
         return Err(Error::inval(format!("range {off}+{len}: empty or not a multiple of the {lbs}-byte logical block")));
     }
-    if off.checked_add(len).is_none_or(|e| e > size) {
+    if off.checked_add(len).map_or(true, |e| e > size) {
         return Err(Error::inval(format!("range {off}+{len} goes past the end of the {size}-byte device")));
     }
     Ok(())
