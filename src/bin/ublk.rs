@@ -197,14 +197,7 @@ fn recovery_factory(id: u32, cfg: &DeviceConfig) -> Result<TargetFactory, Error>
         }
         "nbd" => {
             let n = NbdConfig::from_device(cfg).map_err(|e| e.context(format!("device {id}")))?;
-            let export = n.probe()?;
-            if export.size < cfg.size {
-                return Err(Error::new(
-                    libc::EIO,
-                    format!("device {id}: the NBD export is now smaller ({} bytes) than the device ({} bytes)", export.size, cfg.size),
-                ));
-            }
-            Ok(n.factory(export))
+            n.recovery_factory(cfg).map_err(|e| e.context(format!("device {id}")))
         }
         "mem" => Err(Error::new(libc::EOPNOTSUPP, format!("device {id}: a mem device's data died with its server; it cannot be recovered"))),
         t => Err(Error::new(

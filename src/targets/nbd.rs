@@ -187,6 +187,42 @@ impl NbdConfig {
         Ok(n)
     }
 
+    /// What a device made by [`configure`](Self::configure) needs of its
+    /// export, rebuilt from the device's configuration (recovery: the first
+    /// handshake's export is not recorded): its size, the commands it was
+    /// set up to send (FLUSH for a volatile cache, TRIM for discard,
+    /// WRITE_ZEROES), and whether it was writable. FUA is not required: a
+    /// FUA write goes as a write and a FLUSH to a server without it.
+    pub fn device_needs(cfg: &DeviceConfig) -> Export {
+        let mut flags = proto::TFLAG_HAS_FLAGS;
+        let d = cfg.discard.unwrap_or(DiscardLimits { granularity: 0, max_discard_sectors: 0, max_write_zeroes_sectors: 0 });
+        for (on, f) in [
+            (cfg.read_only, proto::TFLAG_READ_ONLY),
+            (cfg.volatile_cache, proto::TFLAG_SEND_FLUSH),
+            (d.max_discard_sectors > 0, proto::TFLAG_SEND_TRIM),
+            (d.max_write_zeroes_sectors > 0, proto::TFLAG_SEND_WRITE_ZEROES),
+        ] {
+            if on {
+                flags |= f;
+            }
+        }
+        Export { size: cfg.size, flags, structured: false, block_sizes: None }
+    }
+
+    /// The target factory of a device being recovered (`cfg` from its state
+    /// file): the export is probed and must still serve the device as it was
+    /// set up (EIO otherwise: smaller, read-only under a writable device, a
+    /// command the device sends no longer offered, block sizes its requests
+    /// break; EOPNOTSUPP when its queues x connections are no longer
+    /// allowed), before any queue connects.
+    pub fn recovery_factory(&self, cfg: &DeviceConfig) -> Result<TargetFactory> {
+        let export = self.probe()?;
+        let mut fresh = cfg.clone();
+        self.configure(&export, &mut fresh)?;
+        export.check_serves(&Self::device_needs(cfg), cfg.logical_block_size, cfg.max_io_bytes)?;
+        Ok(self.factory(export))
+    }
+
     /// The target of each queue: `connections` connections made on the
     /// queue thread (a failure fails the device's start), each checked
     /// against `export` as every later reconnection is
@@ -221,6 +257,32 @@ mod tests {
 
     fn export(flags: u16) -> Export {
         Export { size: (1 << 30) + 100, flags: proto::TFLAG_HAS_FLAGS | flags, structured: true, block_sizes: None }
+    }
+
+    #[test]
+    fn device_needs_what_it_was_set_up_with() {
+        let n = NbdConfig { host: "h".into(), ..Default::default() };
+        let all = proto::TFLAG_SEND_FLUSH | proto::TFLAG_SEND_FUA | proto::TFLAG_SEND_TRIM | proto::TFLAG_SEND_WRITE_ZEROES;
+        let mut c = DeviceConfig::default();
+        n.configure(&export(all), &mut c).unwrap();
+        let needs = NbdConfig::device_needs(&c);
+        let (lbs, max) = (c.logical_block_size, c.max_io_bytes);
+        // the same export, or one offering more, serves the device
+        export(all).check_serves(&needs, lbs, max).unwrap();
+        export(all | proto::TFLAG_CAN_MULTI_CONN).check_serves(&needs, lbs, max).unwrap();
+        // without FUA: FUA writes go as write + FLUSH
+        export(all & !proto::TFLAG_SEND_FUA).check_serves(&needs, lbs, max).unwrap();
+        // a command the device sends, gone; read-only; smaller
+        for lost in [proto::TFLAG_SEND_FLUSH, proto::TFLAG_SEND_TRIM, proto::TFLAG_SEND_WRITE_ZEROES] {
+            assert_eq!(export(all & !lost).check_serves(&needs, lbs, max).unwrap_err().errno(), libc::EIO, "{lost:#x}");
+        }
+        assert_eq!(export(all | proto::TFLAG_READ_ONLY).check_serves(&needs, lbs, max).unwrap_err().errno(), libc::EIO);
+        let small = Export { size: c.size - 512, ..export(all) };
+        assert_eq!(small.check_serves(&needs, lbs, max).unwrap_err().errno(), libc::EIO);
+        // a device set up read-only without commands needs none of them
+        let mut ro = DeviceConfig::default();
+        n.configure(&export(proto::TFLAG_READ_ONLY), &mut ro).unwrap();
+        export(proto::TFLAG_READ_ONLY).check_serves(&NbdConfig::device_needs(&ro), lbs, max).unwrap();
     }
 
     #[test]

@@ -15,7 +15,8 @@
 # refuses DF reads over 64 KiB (EOVERFLOW: the read is sent again without
 # DF), refused handshakes (a trickling server and endless NBD_REP_INFO:
 # `add` fails within the bound) and bad command lines, a reconnection
-# refused because the export lost FLUSH, and `ublk recover` of an nbd device.
+# refused because the export lost FLUSH, and `ublk recover` of an nbd device (refused while
+# the export is read-only, then done).
 # timeout: 1500
 . "$(dirname "$0")/lib.sh"
 t_require fio qemu-nbd qemu-img mkfs.ext4 fsck.ext4 python3 cmp sha256sum
@@ -424,6 +425,19 @@ if nbd_add recover-add --recovery reissue --export ""; then
     dd if="$T_WORK/rpat" of="$dev" bs=1M oflag=direct status=none
     kill -KILL "$pid"
     wait_pid_exit "$pid" 30
+    # the export came back read-only: recovering the writable device is refused
+    # before any queue connects, and the device waits for another try
+    qnbd_stop
+    qnbd_start "$img" raw -r
+    if out=$(run_with_timeout 120 "$UBLK" recover "$id" 2>&1); then
+        fail recover-readonly "ublk recover took a read-only export for a writable device: $out"
+    elif grep -q "read-only" <<<"$out"; then
+        pass "recover-readonly (refused: ${out:0:160})"
+    else
+        fail recover-readonly "refused without saying why: $out"
+    fi
+    qnbd_stop
+    qnbd_start "$img" raw
     if out=$(run_with_timeout 120 "$UBLK" recover "$id" 2>&1); then
         dd if="$dev" of="$T_WORK/rback" bs=1M count=1 iflag=direct status=none
         cmp -s "$T_WORK/rpat" "$T_WORK/rback" && pass "recover (data back through the new server)" || fail recover "data differs after recover"
