@@ -182,6 +182,12 @@ impl Ctrl {
         self.command("DEL_DEV", sys::UBLK_U_CMD_DEL_DEV, Self::dev_cmd(dev_id), Payload::None, timeout).map(drop)
     }
 
+    /// `UBLK_U_CMD_DEL_DEV_ASYNC` (6.9+): deletes without waiting for the
+    /// server to release `/dev/ublkcN`; the id stays taken until it does.
+    pub fn del_dev_async(&self, dev_id: u32, timeout: Duration) -> Result<()> {
+        self.command("DEL_DEV_ASYNC", sys::UBLK_U_CMD_DEL_DEV_ASYNC, Self::dev_cmd(dev_id), Payload::None, timeout).map(drop)
+    }
+
     /// `UBLK_U_CMD_START_DEV`: blocks until every tag has been fetched.
     pub fn start_dev(&self, dev_id: u32, pid: i32, timeout: Duration) -> Result<()> {
         let mut cmd = Self::dev_cmd(dev_id);

@@ -177,6 +177,9 @@ impl Device {
             max_io_buf_bytes: cfg.max_io_bytes / page * page,
             dev_id: cfg.dev_id.unwrap_or(u32::MAX),
             flags: want_flags,
+            // server-private, kept by the kernel: names this device among
+            // all that ever had its id (see `recover`)
+            ublksrv_flags: crate::state::new_token(),
             ..Default::default()
         };
         ctrl.add_dev(&mut info)?;
@@ -227,6 +230,7 @@ impl Device {
         let mut s = StateFile::default();
         s.set("pid", std::process::id().to_string());
         s.set("mode", data_mode_name(self.info.flags));
+        s.set("token", format!("{:#x}", self.info.ublksrv_flags));
         self.cfg.to_state(&mut s);
         s.store(&self.cfg.state_dir, self.info.dev_id)
     }
@@ -239,7 +243,8 @@ impl Device {
     /// added with a [`Recovery`] policy; waits (at most the configured
     /// timeout) for the old server to be gone. Errors: ENOENT (no state
     /// file), ENODEV (no such device), EINVAL (not added with recovery),
-    /// EBUSY (a live server still serves it), ETIMEDOUT. A failure leaves the
+    /// ESTALE (the state file is of an earlier device that had this id),
+    /// EBUSY (a live server still serves it). A failure leaves the
     /// device as it was, for another try or `ublk del`.
     pub fn recover(dev_id: u32, state_dir: &Path) -> Result<Device> {
         let state = StateFile::load(state_dir, dev_id).map_err(|e| e.context(format!("device {dev_id} cannot be recovered without its state file")))?;
@@ -256,6 +261,7 @@ impl Device {
             if info.flags & sys::UBLK_F_USER_RECOVERY == 0 {
                 return Err(Error::inval(format!("device {dev_id} was not added with recovery (--recovery): it cannot be recovered")));
             }
+            check_state_is_of(&state, &info)?;
             match info.state {
                 sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_FAIL_IO => break info,
                 sys::UBLK_S_DEV_DEAD => return Err(Error::new(libc::ENODEV, format!("device {dev_id} is stopped (DEAD): nothing to recover; delete it"))),
@@ -436,6 +442,12 @@ impl Device {
             if let Err(e) = self.write_state() {
                 eprintln!("ublk: device {}: {e}", self.info.dev_id);
             }
+            // Serving again: the block device node was there all along, and a
+            // failure here must not make the caller drop (delete) the device.
+            if let Err(e) = wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout) {
+                eprintln!("ublk: device {}: recovered, but {e}", self.info.dev_id);
+            }
+            return Ok(());
         }
         wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout)
     }
@@ -517,7 +529,14 @@ impl Device {
         if self.exits.is_none() {
             return Ok(());
         }
-        let r = self.stop.stop();
+        let r = if self.recovering {
+            // a recovery that has not served: STOP_DEV would end the very
+            // device it is for (it stays quiesced for another try)
+            self.stop.force();
+            Ok(())
+        } else {
+            self.stop.stop()
+        };
         if !self.wait_timeout(self.cfg.timeout) {
             self.stop.force();
             if !self.wait_timeout(self.cfg.timeout) {
@@ -550,20 +569,61 @@ impl Device {
             // now would leave DEL_DEV waiting for nothing. Leak the device.
             return stopped;
         }
-        self.char_file = None;
         if self.recovering {
             // A recovery that did not get to serve: the device stays for
             // another `recover` (or `ublk del`), with its state file.
+            self.char_file = None;
             self.info.dev_id = u32::MAX;
             self.exits = None;
             return stopped;
         }
-        StateFile::remove(&self.cfg.state_dir, self.info.dev_id);
-        let del = gone_is_done(self.ctrl.del_dev(self.info.dev_id, self.cfg.timeout));
+        // While this process holds /dev/ublkcN the id cannot go to another
+        // device (the kernel frees it once the char device is released), so
+        // the state file and the id are surely still this device's here. So
+        // the state file goes first, and the delete is sent before the char
+        // fd closes (DEL_DEV_ASYNC; DEL_DEV itself would wait for that
+        // close): after an outside `ublk del`, DEL_DEV sent after the close
+        // could delete a new device that took the id meanwhile.
+        let id = self.info.dev_id;
+        StateFile::remove(&self.cfg.state_dir, id);
+        let del = match self.ctrl.del_dev_async(id, self.cfg.timeout) {
+            Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => {
+                // a kernel before 6.9 (or one refusing it): the old order
+                self.char_file = None;
+                gone_is_done(self.ctrl.del_dev(id, self.cfg.timeout))
+            }
+            r => {
+                self.char_file = None;
+                gone_is_done(r)
+            }
+        };
         self.exits = None;
         self.info.dev_id = u32::MAX;
         stopped.and(del)
     }
+}
+
+/// Whether a state file describes the device the kernel knows as `info`:
+/// the token `add` gave the kernel (`ublksrv_flags`) and recorded in the
+/// file, and the queue count and depth. A file left by an earlier device
+/// with this id (deleted by another tool, or a `--state-dir` that `ublk del`
+/// does not know) would otherwise serve another device's data (ESTALE).
+fn check_state_is_of(state: &StateFile, info: &ublksrv_ctrl_dev_info) -> Result<()> {
+    let id = info.dev_id;
+    let stale =
+        |why: String| Err(Error::new(libc::ESTALE, format!("device {id}: its state file is of an earlier device with this id ({why}): delete the file")));
+    if let Some(t) = state.get("token") {
+        let t =
+            u64::from_str_radix(t.trim_start_matches("0x"), 16).map_err(|_| Error::inval(format!("device {id}: the state file's token '{t}' is invalid")))?;
+        if t != info.ublksrv_flags {
+            return stale(format!("token {t:#x}, the device's {:#x}", info.ublksrv_flags));
+        }
+    }
+    let (q, d) = (state.get("queues").unwrap_or(""), state.get("depth").unwrap_or(""));
+    if q != info.nr_hw_queues.to_string() || d != info.queue_depth.to_string() {
+        return stale(format!("{q} queue(s) of depth {d}, the device has {} of depth {}", info.nr_hw_queues, info.queue_depth));
+    }
+    Ok(())
 }
 
 /// A STOP_DEV or DEL_DEV result, with a device already gone (ENODEV,
@@ -590,9 +650,40 @@ impl Drop for Device {
 pub fn delete_device(dev_id: u32, timeout: Duration) -> Result<()> {
     let mut ctrl = Ctrl::open()?;
     ctrl.attach(dev_id)?;
+    // The state file is set aside while device `dev_id` still holds the id:
+    // once DEL_DEV returns, a new device may take the id and write its own.
+    let dir = crate::state::default_dir();
+    let aside = StateFile::set_aside(&dir, dev_id);
     let r = ctrl.del_dev(dev_id, timeout);
-    if r.is_ok() {
-        StateFile::remove(&crate::state::default_dir(), dev_id);
+    if let Some(a) = aside {
+        StateFile::put_back(&dir, dev_id, &a, r.is_err());
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_file_of_an_earlier_device_is_stale() {
+        let info = ublksrv_ctrl_dev_info { dev_id: 4, nr_hw_queues: 2, queue_depth: 64, ublksrv_flags: 0xabc, ..Default::default() };
+        let mut s = StateFile::default();
+        s.set("queues", "2");
+        s.set("depth", "64");
+        // no token (a file of an older version): the shape decides
+        check_state_is_of(&s, &info).unwrap();
+        s.set("token", "0xabc");
+        check_state_is_of(&s, &info).unwrap();
+        s.set("token", "0xabd");
+        let e = check_state_is_of(&s, &info).unwrap_err();
+        assert_eq!(e.errno(), libc::ESTALE);
+        assert!(e.to_string().contains("earlier device"), "{e}");
+        s.set("token", "0xabc");
+        s.set("depth", "128");
+        assert_eq!(check_state_is_of(&s, &info).unwrap_err().errno(), libc::ESTALE);
+        s.set("depth", "64");
+        s.set("token", "zz");
+        assert_eq!(check_state_is_of(&s, &info).unwrap_err().errno(), libc::EINVAL);
+    }
 }

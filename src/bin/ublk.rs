@@ -304,9 +304,10 @@ fn detach_stdio() {
         libc::setsid();
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
         let dir = if libc::geteuid() == 0 { PathBuf::from(DEFAULT_STATE_DIR) } else { ublk::state::default_dir() };
-        let _ = std::fs::create_dir_all(&dir);
+        // (a directory of another user's, or a symlink as the log: no log)
+        let ok = ublk::state::ensure_dir(&dir).is_ok();
         let path = std::ffi::CString::new(dir.join("server.log").into_os_string().into_encoded_bytes()).unwrap_or_default();
-        let log = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o644);
+        let log = if ok { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC, 0o644) } else { -1 };
         libc::dup2(null, 0);
         libc::dup2(null, 1);
         libc::dup2(if log >= 0 { log } else { null }, 2);

@@ -14,7 +14,8 @@
 #   after recover);
 # - c-loop -r reissue / -R ID (ublk_dev_recover through the C ABI);
 # - refusals: recover of a live device (EBUSY), of a device without recovery
-#   (EINVAL), of an unknown id, `add mem --recovery` (usage error), bad policy.
+#   (EINVAL), with the state file of an earlier device of that id (ESTALE), of
+#   an unknown id, `add mem --recovery` (usage error), bad policy.
 # compat: yes
 # timeout: 1200
 . "$(dirname "$0")/lib.sh"
@@ -266,6 +267,29 @@ if must_add norec-add loop --file "$T_WORK/loop.img"; then
     ((rc == 1)) && grep -q "not added with recovery" <<<"$out" && pass recover-without-policy-refused \
         || fail recover-without-policy-refused "rc=$rc: $out"
     dev_del "$id" >/dev/null 2>&1
+fi
+# a state file left by an earlier device with the same id (deleted by hand, or
+# kept in a --state-dir `ublk del` does not know) is refused (ESTALE), not served
+sdir=/run/ublk
+if must_add stale-old loop --file "$T_WORK/loop.img" --recovery reissue --queues 1 --depth 32; then
+    id=$DEV_ID
+    cp "$sdir/$id.state" "$T_WORK/old.state"
+    dev_del "$id" >/dev/null 2>&1
+    if must_add stale-new null --size 64M --recovery reissue --queues 1 --depth 32 --id "$id"; then
+        kill_server stale "$id"
+        cp "$sdir/$id.state" "$T_WORK/new.state"
+        cp "$T_WORK/old.state" "$sdir/$id.state"
+        out=$(run_with_timeout 90 "$UBLK" recover "$id" 2>&1)
+        rc=$?
+        if ((rc == 1)) && grep -q "ESTALE" <<<"$out" && grep -q "earlier device" <<<"$out" && state_is "$id" QUIESCED; then
+            pass "stale-state-file-refused (${out:0:140})"
+        else
+            fail stale-state-file-refused "rc=$rc: $out; $(list_row "$id")"
+        fi
+        cp "$T_WORK/new.state" "$sdir/$id.state"
+        recover stale "$id" && pass stale-own-state-file-recovers
+        dev_del "$id" >/dev/null 2>&1
+    fi
 fi
 out=$(run_with_timeout 60 "$UBLK" recover 999 2>&1)
 rc=$?

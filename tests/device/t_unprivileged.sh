@@ -131,6 +131,20 @@ out=$(as_user $USER_A "$UBLK" add loop --file "$share/a.img" --zero-copy registe
 rc=$?
 ((rc != 0)) && grep -qi "unprivileged" <<<"$out" && pass user-zero-copy-refused || fail user-zero-copy-refused "rc=$rc: $out"
 
+# a state directory made in advance by another user is refused, before any device stays
+bdir=/tmp/ublk-$USER_B
+rm -rf "$bdir"
+as_user $USER_A mkdir -m 0700 "$bdir"
+out=$(as_user $USER_B "$UBLK" add null --size 64M 2>&1)
+rc=$?
+if ((rc != 0)) && grep -q "refusing the state directory $bdir: it belongs to uid $USER_A" <<<"$out"; then
+    pass "user-state-dir-of-another-refused (${out:0:150})"
+else
+    fail user-state-dir-of-another-refused "rc=$rc: $out"
+    parse_add_line "$out" && dev_del "$DEV_ID" >/dev/null 2>&1
+fi
+rm -rf "$bdir"
+
 # the owner deletes it
 pid=$(server_pid "$id")
 if as_user $USER_A "$UBLK" del "$id" >"$T_WORK/a-del.out" 2>&1 && wait_until 20 dev_absent "$id" \
