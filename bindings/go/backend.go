@@ -9,7 +9,6 @@ import (
 // rwBackend serves requests with an io.ReaderAt / io.WriterAt backend, on
 // the request's data buffer (copy mode).
 type rwBackend struct {
-	d       *Device
 	r       io.ReaderAt
 	w       io.WriterAt
 	flush   func() error
@@ -28,7 +27,9 @@ var zeroes = sync.OnceValue(func() []byte {
 	return b
 })
 
-func (b *rwBackend) serve(r *Request) {
+// serve serves r and completes it; it returns the error to report (an
+// *IOError) when the backend failed it.
+func (b *rwBackend) serve(r *Request) error {
 	var err error
 	res := 0
 	switch r.op {
@@ -80,10 +81,11 @@ func (b *rwBackend) serve(r *Request) {
 		err = syscall.EOPNOTSUPP
 	}
 	if err != nil {
-		// complete first: the report may be slow (logging)
+		// the caller reports it after the completion: the report may be
+		// slow (logging), or close the device
 		_ = r.Complete(Errno(err))
-		b.d.report(&IOError{Op: r.op, Offset: r.off, Len: r.n, Err: err})
-		return
+		return &IOError{Op: r.op, Offset: r.off, Len: r.n, Err: err}
 	}
 	_ = r.Complete(res)
+	return nil
 }

@@ -1,16 +1,29 @@
 #include "bridge.h"
 #include "_cgo_export.h"
 
+/* Non-zero while this thread runs one of the callbacks below: a queue thread
+ * of a device, inside Go code the queue thread waits for. */
+static __thread int in_callback;
+
+int ublkgo_on_queue_thread(void)
+{
+    return in_callback;
+}
+
 /* The requests of one pass over a queue ring: everything Go needs, in one
  * crossing for the whole batch (a C-to-Go call costs far more than a C call). */
 static void handle_batch(void *user, struct ublk_io_batch_entry *e, uint32_t n)
 {
+    in_callback++;
     goUblkHandleBatch((uintptr_t)user, e, n);
+    in_callback--;
 }
 
 static void op_done(void *user, ublk_io *io, int res)
 {
+    in_callback++;
     goUblkOpDone((uintptr_t)user, io, res);
+    in_callback--;
 }
 
 static void complete_with(void *user, ublk_io *io, int res)

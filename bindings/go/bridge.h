@@ -19,6 +19,10 @@ int ublkgo_dev_recover(uint32_t dev_id, const char *state_dir, uintptr_t handle,
 int ublkgo_lease(int kind, ublk_io *io, int fd, uint64_t file_off, uint32_t buf_off, uint32_t len,
                  uintptr_t cb);
 
+/* Non-zero on a queue thread inside a callback into Go (HandleIO, a lease
+ * callback): a call that waits for the queue threads would wait for itself. */
+int ublkgo_on_queue_thread(void);
+
 /* Backing IO on the queue ring; `cb` 0: the result completes the request. */
 int ublkgo_fsync(ublk_io *io, int fd, int datasync, uintptr_t cb);
 int ublkgo_fallocate(ublk_io *io, int fd, int mode, uint64_t off, uint64_t len, uintptr_t cb);

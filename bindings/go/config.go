@@ -115,7 +115,8 @@ type Config struct {
 	// which completes it, instead of inline on the engine's queue thread
 	// (the default). Inline is fastest for memory backends; Async lets a
 	// slow backend serve many requests of one queue at once. Not used for a
-	// Handler (which decides itself).
+	// Handler (which decides itself): HandleIO always runs on the queue
+	// thread, where leases, Fsync and RegisterFd work.
 	Async bool
 
 	Name     string        // target name shown by `ublk list` (default "go")
@@ -137,8 +138,10 @@ type Config struct {
 	AllCPUs bool
 
 	// OnError gets backend errors (*IOError) and recovered panics
-	// (*PanicError) while serving, from any goroutine; nil logs them with
-	// the log package. The failed request has been failed already.
+	// (*PanicError) while serving, from any goroutine (often the queue
+	// thread); nil logs them with the log package. The failed request has
+	// been failed already. It may call Device.Stop or Device.Close (which,
+	// on the queue thread, returns at once and finishes in a goroutine).
 	OnError func(error)
 }
 

@@ -16,17 +16,18 @@ import (
 	"runtime/cgo"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 )
 
 // Handler serves requests itself: HandleIO runs on the engine's queue thread
-// for each request and must not block for long. It completes the request
-// with Request.Complete (now, or later from any goroutine), or lends its
-// buffer to IO on files and sockets with Request.Lease (only here or in a
-// lease callback). A panic fails the request with EIO. Every request must be
-// completed: stopping the device waits (up to Config.Timeout) for the
-// requests in flight.
+// for each request (Config.Async does not change that) and must not block
+// for long. It completes the request with Request.Complete (now, or later
+// from any goroutine), or lends its buffer to IO on files and sockets with
+// Request.Lease (only here or in a lease callback). A panic fails the
+// request with EIO. Every request must be completed: stopping the device
+// waits (up to Config.Timeout) for the requests in flight.
 type Handler interface {
 	HandleIO(r *Request)
 }
@@ -85,24 +86,27 @@ type Stats struct {
 // Device is a ublk block device served by this process.
 type Device struct {
 	handle  cgo.Handle
-	serve   func(*Request)
-	async   bool
-	inline  bool // serve is the rwBackend's: it completes every request before it returns
+	rw      *rwBackend // the io.ReaderAt backend, or nil
+	handler Handler    // the Handler backend, or nil
+	async   bool       // rw serves each request in a goroutine of its own (Config.Async)
+	inline  bool       // rw serves each request on the queue thread, completing it before it returns
 	onError func(error)
 	info    Info
 	path    string
 
 	targetName, targetArgs string
 
-	mu   sync.RWMutex // held (read) around calls that use dev; Close frees it under the write lock
-	dev  *C.ublk_dev  // nil once freed
-	last Stats        // the counters just before the device was freed
+	mu    sync.RWMutex // held (read) around calls that use dev; Close frees it under the write lock
+	dev   *C.ublk_dev  // nil once freed
+	freed atomic.Bool  // dev was freed (set with dev = nil): for Request.Data without the lock
+	last  Stats        // the counters just before the device was freed
 
-	done      chan struct{} // closed when the device stopped serving
-	closed    chan struct{} // closed when Close has finished
-	closeOnce sync.Once
-	closeErr  error
-	wg        sync.WaitGroup // Async backend goroutines
+	done       chan struct{} // closed when the device stopped serving
+	closed     chan struct{} // closed when Close has finished
+	closeOnce  sync.Once
+	closeLater sync.Once // Close from a queue thread: the goroutine that finishes it
+	closeErr   error
+	wg         sync.WaitGroup // Async backend goroutines (until their request is completed)
 }
 
 // New creates a device and starts serving it; it returns once Path exists.
@@ -233,15 +237,19 @@ func newDevice(async bool, onError func(error)) *Device {
 
 // bind makes backend serve d's requests: the *rwBackend of an io.ReaderAt
 // backend (whose capabilities shape a new device's config), nil for a Handler.
+// Config.Async applies to an io.ReaderAt backend only: a Handler's HandleIO
+// always runs on the queue thread (where leases, Fsync and RegisterFd work).
 func (d *Device) bind(backend any) (*rwBackend, error) {
+	async := d.async
+	d.async = false
 	switch b := backend.(type) {
 	case nil:
 		return nil, invalid("backend is nil")
 	case Handler:
-		d.serve = b.HandleIO
+		d.handler = b
 		return nil, nil
 	case io.ReaderAt:
-		rw := &rwBackend{d: d, r: b}
+		rw := &rwBackend{r: b}
 		rw.w, _ = backend.(io.WriterAt)
 		if f, ok := backend.(Flusher); ok {
 			rw.flush = f.Flush
@@ -254,8 +262,8 @@ func (d *Device) bind(backend any) (*rwBackend, error) {
 		if f, ok := backend.(WriteZeroer); ok {
 			rw.zero = f.WriteZeroes
 		}
-		d.serve = rw.serve
-		d.inline = true
+		d.rw = rw
+		d.async, d.inline = async, !async
 		return rw, nil
 	}
 	return nil, invalid("backend %T implements neither ublk.Handler nor io.ReaderAt", backend)
@@ -280,11 +288,11 @@ func (d *Device) open(op string, needsCopy bool, prepare func(*Device) error, cr
 			d.handle.Delete()
 		}
 	}()
-	var info C.struct_ublk_dev_info
-	C.ublk_dev_get_info(dev, &info)
-	d.info = Info{ID: int(info.dev_id), Size: int64(info.size), Queues: int(info.nr_queues), Depth: int(info.queue_depth),
-		MaxIOBytes: int(info.max_io_bytes), DataMode: DataMode(info.data_mode), Flags: uint64(info.flags),
-		Recovery: Recovery(info.recovery)}
+	info, err := devInfo(dev)
+	if err != nil {
+		return err
+	}
+	d.info = info
 	d.path = C.GoString(C.ublk_dev_path(dev))
 	d.targetName = C.GoString(C.ublk_dev_target_name(dev))
 	if a := C.ublk_dev_target_args(dev); a != nil {
@@ -308,6 +316,17 @@ func (d *Device) open(op string, needsCopy bool, prepare func(*Device) error, cr
 		close(d.done)
 	}()
 	return nil
+}
+
+// devInfo reads the device facts of dev.
+func devInfo(dev *C.ublk_dev) (Info, error) {
+	var info C.struct_ublk_dev_info
+	if err := call("info", func() C.int { return C.ublk_dev_get_info(dev, &info) }); err != nil {
+		return Info{}, err
+	}
+	return Info{ID: int(info.dev_id), Size: int64(info.size), Queues: int(info.nr_queues), Depth: int(info.queue_depth),
+		MaxIOBytes: int(info.max_io_bytes), DataMode: DataMode(info.data_mode), Flags: uint64(info.flags),
+		Recovery: Recovery(info.recovery)}, nil
 }
 
 // closeWhenDone closes d (reporting Close's error) once ctx is done.
@@ -432,8 +451,16 @@ func (d *Device) Stop() error {
 
 // Close stops the device, waits for the queue threads (and Async backend
 // goroutines) to finish, deletes the device and frees it. Idempotent and safe
-// from any goroutine, but never from inside HandleIO or a lease callback (it
-// waits for those to return). Requests completed after Close get ErrClosed.
+// from any goroutine. On a queue thread — inside HandleIO, a lease callback,
+// or Config.OnError called from one of those or from an inline backend — it
+// cannot wait for the queue threads, which wait for it to return: there it
+// starts the stop and returns nil at once, and a goroutine of its own
+// finishes the Close (its error goes to Config.OnError; Done is closed when
+// the device stopped, and a Close from another goroutine waits for the end).
+// Not from a ReaderAt/WriterAt method running with Config.Async (Close waits
+// for those goroutines). Requests completed after Close get ErrClosed, and
+// Request.Data gives nil: a Handler's goroutines must stop using request
+// buffers before Close returns (Close does not wait for them).
 // The kernel deletes the device once nobody has the block device open: Close
 // waits for that up to Config.Timeout; after that the deletion is given up
 // and the stopped device may remain until `ublk del` (libublk's
@@ -441,6 +468,22 @@ func (d *Device) Stop() error {
 // dies without Close leaves a device with a Config.Recovery policy waiting
 // for Recover; without one the kernel stops it.
 func (d *Device) Close() error {
+	if C.ublkgo_on_queue_thread() != 0 {
+		select {
+		case <-d.closed:
+			return d.closeErr
+		default:
+		}
+		_ = d.Stop() // from a queue thread the engine stops the device on a thread of its own
+		d.closeLater.Do(func() {
+			go func() {
+				if err := d.Close(); err != nil {
+					d.report(err)
+				}
+			}()
+		})
+		return nil
+	}
 	d.closeOnce.Do(func() {
 		d.closeErr = d.Stop()
 		<-d.done
@@ -449,6 +492,7 @@ func (d *Device) Close() error {
 		d.last, _ = d.stats()
 		dev := d.dev
 		d.dev = nil
+		d.freed.Store(true)
 		d.mu.Unlock()
 		C.ublk_dev_free(dev)
 		d.handle.Delete()
@@ -506,23 +550,35 @@ func (d *Device) report(err error) {
 	d.onError(err)
 }
 
-// recovered fails r with EIO after a panic and reports it.
-func (d *Device) recovered(r *Request, p any) {
+// recovered fails r with EIO after a panic and returns the error to report.
+// inLease: the panic was in HandleIO or a lease callback of r, on the queue
+// thread; there a request left to its leases is not completed yet (the
+// engine completes it after the callback), and the EIO overrules them.
+func recovered(r *Request, p any, inLease bool) error {
 	buf := make([]byte, 16<<10)
 	buf = buf[:runtime.Stack(buf, false)]
-	if !r.done.Load() {
-		_ = r.Complete(-int(syscall.EIO))
+	if inLease {
+		r.done.CompareAndSwap(doneByLeases, notDone)
 	}
-	d.report(&PanicError{Op: r.op, Offset: r.off, Len: r.n, Value: p, Stack: buf})
+	_ = r.Complete(-int(syscall.EIO)) // (EALREADY if it was completed)
+	return &PanicError{Op: r.op, Offset: r.off, Len: r.n, Value: p, Stack: buf}
 }
 
-func (d *Device) run(r *Request) {
+// run serves r with the backend; it returns what to report (the backend's
+// error or a recovered panic), with r completed already. The caller reports
+// it: an Async goroutine only once it no longer counts in d.wg, so that
+// Config.OnError may call Close.
+func (d *Device) run(r *Request) (rep error) {
 	defer func() {
 		if p := recover(); p != nil {
-			d.recovered(r, p)
+			rep = recovered(r, p, d.handler != nil)
 		}
 	}()
-	d.serve(r)
+	if d.rw != nil {
+		return d.rw.serve(r)
+	}
+	d.handler.HandleIO(r)
+	return nil
 }
 
 //export goUblkHandleBatch
@@ -535,23 +591,32 @@ func goUblkHandleBatch(h C.uintptr_t, e *C.ublk_io_batch_entry, n C.uint32_t) {
 			off: int64(en.desc.offset), n: int(en.desc.len), queue: int(en.desc.queue_id),
 			tag: int(en.desc.tag), buf: en.buf}
 		switch {
-		case d.async:
-			d.wg.Add(1)
-			go func() {
-				defer d.wg.Done()
-				d.run(r)
-			}()
 		case d.inline:
 			// the binding's own backend serves it here and now: its result
 			// goes into the entry, and the engine completes the request when
 			// this callback returns (no call into C per request)
 			r.result = &en.result
-			d.run(r)
+			err := d.run(r)
 			r.result = nil
+			if err != nil {
+				d.report(err)
+			}
+		case d.async:
+			d.wg.Add(1)
+			go func() {
+				err := d.run(r)
+				d.wg.Done()
+				if err != nil {
+					d.report(err)
+				}
+			}()
 		default:
-			// a Handler may keep the request (a goroutine, a lease): it
-			// completes it with ublk_io_complete whenever it likes
-			d.run(r)
+			// a Handler (never Async) runs here, on the queue thread; it may
+			// keep the request (a goroutine, a lease) and complete it with
+			// ublk_io_complete whenever it likes
+			if err := d.run(r); err != nil {
+				d.report(err)
+			}
 		}
 	}
 }

@@ -813,3 +813,304 @@ func TestMap(t *testing.T) {
 		t.Fatalf("after Unmap a read at 0 is not the backend's data (%v)", err)
 	}
 }
+
+// tempFile is a file of size random bytes in the test's temporary directory.
+func tempFile(t *testing.T, size int) *os.File {
+	t.Helper()
+	file, err := os.CreateTemp(t.TempDir(), "backing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { file.Close() })
+	b := make([]byte, size)
+	fill(b, 42)
+	if _, err := file.WriteAt(b, 0); err != nil {
+		t.Fatal(err)
+	}
+	return file
+}
+
+// Config.Async does not apply to a Handler: HandleIO runs on the queue thread
+// even so, where RegisterFd, leases and Fsync work (EXDEV elsewhere).
+func TestHandlerIgnoresAsync(t *testing.T) {
+	requireDevice(t)
+	const size = 8 << 20
+	file := tempFile(t, size)
+	fd := int(file.Fd())
+	var registered, exdev atomic.Int64
+	h := HandlerFunc(func(r *Request) {
+		switch err := r.RegisterFd(fd); {
+		case err == nil, errors.Is(err, syscall.EOPNOTSUPP):
+			registered.Add(1)
+		case errors.Is(err, syscall.EXDEV):
+			exdev.Add(1)
+		default:
+			t.Errorf("RegisterFd: %v", err)
+		}
+		var err error
+		switch r.Op() {
+		case OpRead:
+			err = r.Lease().ReadInto(fd, r.Offset(), 0, r.Len())
+		case OpWrite:
+			err = r.Lease().WriteFrom(fd, r.Offset(), 0, r.Len())
+		case OpFlush:
+			err = r.Fsync(fd, true, nil)
+		default:
+			err = syscall.EOPNOTSUPP
+		}
+		if err != nil {
+			if errors.Is(err, syscall.EXDEV) {
+				exdev.Add(1)
+			}
+			r.Fail(err)
+		}
+	})
+	d := newDev(t, Config{Size: size, Queues: 2, Async: true}, h)
+	f := openDev(t, d)
+	data := writeRead(t, f, []int64{0, 1 << 20, size - 64<<10}, 64<<10, 5)
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync: %v", err)
+	}
+	got := make([]byte, 64<<10)
+	for off, want := range data {
+		if _, err := file.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("backing file at %d differs from what was written (%v)", off, err)
+		}
+	}
+	if exdev.Load() != 0 || registered.Load() == 0 {
+		t.Errorf("HandleIO with Config.Async: %d EXDEV, %d RegisterFd", exdev.Load(), registered.Load())
+	}
+}
+
+// failing fails reads at offset at with EIO once armed.
+type failing struct {
+	mem
+	armed atomic.Bool
+	at    int64
+}
+
+func (b *failing) ReadAt(p []byte, off int64) (int, error) {
+	if off == b.at && b.armed.Load() {
+		return 0, syscall.EIO
+	}
+	return b.mem.ReadAt(p, off)
+}
+
+// Config.OnError may call Close, also where it runs on the queue thread (an
+// inline backend's error, a Handler's panic): there Close starts the stop and
+// returns, a goroutine finishes it; from an Async backend's goroutine it
+// waits as usual. It never hangs: the device stops and is removed, and a
+// Close from another goroutine waits for the end.
+func TestCloseFromOnError(t *testing.T) {
+	requireDevice(t)
+	const size, bad = 8 << 20, 5<<20 + 12288 // (where udev's probe does not read)
+	for _, kind := range []string{"inline", "async", "handler"} {
+		t.Run(kind, func(t *testing.T) {
+			b := &failing{mem: mem{b: make([]byte, size)}, at: bad}
+			var dev atomic.Pointer[Device]
+			var once sync.Once
+			var later errorLog
+			closed := make(chan error, 1)
+			onError := func(err error) {
+				first := false
+				once.Do(func() { first = true })
+				if !first {
+					later.add(err)
+					return
+				}
+				closed <- dev.Load().Close()
+			}
+			var backend any = b
+			cfg := Config{Size: size, Queues: 2, Async: kind == "async", OnError: onError, Timeout: 20 * time.Second}
+			if kind == "handler" {
+				cfg.NeedsBuffer = true
+				backend = HandlerFunc(func(r *Request) {
+					if r.Op() == OpRead && r.Offset() == bad && b.armed.Load() {
+						panic("handler boom")
+					}
+					switch r.Op() {
+					case OpRead:
+						b.mem.ReadAt(r.Data(), r.Offset())
+					case OpWrite:
+						b.mem.WriteAt(r.Data(), r.Offset())
+					}
+					r.Fail(nil)
+				})
+			}
+			d := newDev(t, cfg, backend)
+			dev.Store(d)
+			path, id := d.Path(), d.ID()
+			f := openDev(t, d)
+			writeRead(t, f, []int64{0, 1 << 20}, 4096, 3)
+			b.armed.Store(true)
+			if _, err := f.ReadAt(alignedBuf(t, 4096), bad); err == nil {
+				t.Fatal("read of the failing block succeeded")
+			}
+			f.Close() // the device is deleted once nobody has it open
+			select {
+			case err := <-closed:
+				if err != nil {
+					t.Errorf("Close from OnError: %v", err)
+				}
+			case <-time.After(60 * time.Second):
+				t.Fatal("Close called from OnError did not return within 60 s")
+			}
+			waitFor("device stopped", t, 60*time.Second, func() bool {
+				select {
+				case <-d.Done():
+					return true
+				default:
+					return false
+				}
+			})
+			res := make(chan error, 1)
+			go func() { res <- d.Close() }()
+			select {
+			case err := <-res:
+				if err != nil {
+					t.Errorf("Close after the one from OnError: %v", err)
+				}
+			case <-time.After(90 * time.Second):
+				t.Fatal("Close did not return within 90 s")
+			}
+			waitFor("device removed", t, 30*time.Second, func() bool { return devGone(path) && charGone(id) })
+			if err := d.Stop(); !errors.Is(err, ErrClosed) {
+				t.Errorf("Stop after Close: %v, want ErrClosed", err)
+			}
+			later.mu.Lock()
+			for _, e := range later.errs {
+				t.Logf("also reported: %v", e)
+			}
+			later.mu.Unlock()
+		})
+	}
+}
+
+// A request left to its leases (no OnDone, or an OnDone callback that does
+// not complete it) is completed by the engine when its last operation is
+// over: from then on (without OnDone: from the lease call on) Complete and
+// Fail give EALREADY and Data nil, so a late Complete from another goroutine
+// cannot reach the tag's next request. One queue of depth 1: every request
+// has tag 0.
+func TestLeaseAutoCompletion(t *testing.T) {
+	requireDevice(t)
+	const size = 8 << 20
+	const leased, next = 4<<20 + 8192, 6<<20 + 4096 // (where udev's probe does not read)
+	file := tempFile(t, size)
+	fd := int(file.Fd())
+	want := func(off int64) []byte {
+		b := make([]byte, 4096)
+		if _, err := file.ReadAt(b, off); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	// serve completes r from the file through its buffer (copy mode)
+	serve := func(r *Request) error {
+		var err error
+		switch r.Op() {
+		case OpRead:
+			_, err = file.ReadAt(r.Data(), r.Offset())
+		case OpWrite:
+			_, err = file.WriteAt(r.Data(), r.Offset())
+		}
+		if err != nil {
+			r.Fail(err)
+			return err
+		}
+		return r.Fail(nil)
+	}
+	for _, kind := range []string{"no-callback", "callback"} {
+		t.Run(kind, func(t *testing.T) {
+			stale := make(chan *Request, 16)
+			held := make(chan *Request, 16)
+			h := HandlerFunc(func(r *Request) {
+				switch {
+				case r.Op() == OpRead && r.Offset() == leased:
+					l := r.Lease()
+					if kind == "callback" {
+						l = l.OnDone(func(r *Request, res int) {
+							if res != r.Len() || r.Data() == nil {
+								t.Errorf("lease callback: res %d, Data %d bytes", res, len(r.Data()))
+							}
+							stale <- r // not completed here: the engine does after this returns
+						})
+					}
+					if err := l.ReadInto(fd, r.Offset(), 0, r.Len()); err != nil {
+						t.Errorf("ReadInto: %v", err)
+						r.Fail(err)
+						return
+					}
+					if kind == "no-callback" {
+						if r.Data() != nil {
+							t.Errorf("Data after a lease without OnDone is not nil")
+						}
+						if err := r.Complete(0); !errors.Is(err, syscall.EALREADY) {
+							t.Errorf("Complete after a lease without OnDone: %v, want EALREADY", err)
+						}
+						stale <- r
+					}
+				case r.Op() == OpRead && r.Offset() == next:
+					held <- r // completed by the test
+				default:
+					serve(r)
+				}
+			})
+			d := newDev(t, Config{Size: size, Queues: 1, Depth: 1, NeedsBuffer: true}, h)
+			f := openDev(t, d)
+			buf := alignedBuf(t, 4096)
+			if _, err := f.ReadAt(buf, leased); err != nil || !bytes.Equal(buf, want(leased)) {
+				t.Fatalf("leased read: %v (or the data differs)", err)
+			}
+			var r *Request
+			select {
+			case r = <-stale:
+			case <-time.After(10 * time.Second):
+				t.Fatal("no leased request")
+			}
+			// the tag's next request, held by the handler
+			res := make(chan error, 1)
+			buf2 := alignedBuf(t, 4096)
+			go func() { _, err := f.ReadAt(buf2, next); res <- err }()
+			var r2 *Request
+			select {
+			case r2 = <-held:
+			case <-time.After(30 * time.Second):
+				t.Fatal("the next read did not reach the handler")
+			}
+			if r2.Tag() != r.Tag() {
+				t.Fatalf("tags %d and %d with depth 1", r.Tag(), r2.Tag())
+			}
+			if err := r.Complete(-int(syscall.EIO)); !errors.Is(err, syscall.EALREADY) {
+				t.Errorf("late Complete of the leased request: %v, want EALREADY", err)
+			}
+			if err := r.Fail(nil); !errors.Is(err, syscall.EALREADY) {
+				t.Errorf("late Fail of the leased request: %v, want EALREADY", err)
+			}
+			if r.Data() != nil {
+				t.Errorf("Data of the completed leased request is not nil")
+			}
+			if err := serve(r2); err != nil {
+				t.Errorf("completing the next request: %v (a late Complete of the previous one reached it?)", err)
+			}
+			go func() { // any other read at next (udev), until the device stops
+				for {
+					select {
+					case r := <-held:
+						serve(r)
+					case <-d.Done():
+						return
+					}
+				}
+			}()
+			select {
+			case err := <-res:
+				if err != nil || !bytes.Equal(buf2, want(next)) {
+					t.Fatalf("the next read: %v (or the data differs)", err)
+				}
+			case <-time.After(30 * time.Second):
+				t.Fatal("the next read did not complete")
+			}
+		})
+	}
+}

@@ -33,7 +33,9 @@
 //
 // New creates the device and starts its queue threads; it returns once Path
 // exists. Stop stops serving (Done is closed), Close stops, deletes and frees
-// the device (idempotent; never from HandleIO). NewContext also closes the
+// the device (idempotent; on a queue thread — HandleIO, a lease callback,
+// Config.OnError called there — it only starts that and returns, a goroutine
+// finishes it). NewContext also closes the
 // device when its context is cancelled; Serve blocks until the context is
 // done or the device is stopped from outside (`ublk del`), then closes it.
 //
