@@ -44,6 +44,41 @@ _U64S = ENTRY.size // 8
 
 _NAMES = {L.UBLK_OP_READ: "read", L.UBLK_OP_WRITE: "write", L.UBLK_OP_FLUSH: "flush",
           L.UBLK_OP_DISCARD: "discard", L.UBLK_OP_WRITE_ZEROES: "write_zeroes"}
+PENDING = L.UBLK_BATCH_PENDING
+
+
+def _result(r: Any, op: int) -> int:
+    """A method's int result as an entry's `result`; TypeError / ValueError
+    (the request then fails with EIO) for what is not an int or does not
+    fit one, and for UBLK_BATCH_PENDING (the request would stay pending)."""
+    if not isinstance(r, int) or isinstance(r, bool):
+        raise TypeError(f"{_NAMES.get(op, op)}() returned {type(r).__name__}: want None or an int result")
+    if not PENDING < r <= 0x7FFFFFFF:
+        raise ValueError(f"{_NAMES.get(op, op)}() returned {r}: not a result (bytes done or -errno)")
+    return r
+
+
+def _log_exception(msg: str, *args: Any) -> None:
+    """log.exception that never raises (a failing log handler must not keep
+    a request from being failed)."""
+    try:
+        log.exception(msg, *args)
+    except BaseException:
+        pass
+
+
+def _fail_pending(ptr: int, n: int, first: int) -> None:
+    """Fails with EIO the entries from `first` on that are still pending
+    (neither a result nor a lease set), straight through ctypes: for when
+    the batch's views themselves may be what failed."""
+    try:
+        entries = (L.ublk_io_batch_entry * n).from_address(ptr)
+        for j in range(max(first, 0), n):
+            e = entries[j]
+            if e.result == PENDING and e.lease_fd < 0:
+                e.result = -_errno.EIO
+    except BaseException:
+        pass
 
 
 class Batcher:
@@ -83,6 +118,12 @@ class Batcher:
         return base[:length]
 
     def on_batch(self, _user: Any, ptr: int, n: int) -> None:
+        # Every entry must end completed, lent, or handed to handle(io),
+        # whatever Python does: an entry left at UBLK_BATCH_PENDING with no
+        # lease_fd is a request pending forever. Nothing escapes this
+        # callback, not even SystemExit / KeyboardInterrupt (ctypes would
+        # print it and return).
+        i, handed = -1, None  # the entry in hand; its Io once given to handle()
         try:
             # the engine passes the same array (one per queue) every time: its
             # views are made once per (address, count)
@@ -91,40 +132,53 @@ class Batcher:
                 raw = memoryview((ctypes.c_char * (n * ENTRY.size)).from_address(ptr)).cast("B")
                 vs = self.batch_views[(ptr, n)] = (raw, raw.cast("i"), raw.cast("Q"))
             raw, ints, u64s = vs
-            simple = self.simple
-            entries = SIMPLE.iter_unpack(raw) if simple else list(ENTRY.iter_unpack(raw))
-        except Exception:  # never unwind into C: the requests stay pending forever otherwise
-            log.exception("pyublk: reading a batch failed")
-            return
-        if simple:
-            self._simple_batch(entries, ints, self.methods)
-            return
-        if self.fixed:
-            self._register(entries[0][0], entries[0][6])
-        methods, route, handle = self.methods, self.route, self.handle
-        for i, (io, buf, op, flags, off, ln, qid, tag, _r, _fd, _lo) in enumerate(entries):
-            handed = False
-            try:
-                if route is not None and (op == L.UBLK_OP_READ or op == L.UBLK_OP_WRITE):
-                    where = route("read" if op == L.UBLK_OP_READ else "write", off, ln)
-                    if where is not None:
-                        fd, file_off = where
-                        ints[i * _INTS + _LEASE_FD] = fd
-                        u64s[i * _U64S + _LEASE_OFF] = file_off
+            if self.simple:
+                self._simple_batch(SIMPLE.iter_unpack(raw), ints, self.methods)
+                return
+            entries = list(ENTRY.iter_unpack(raw))
+            if self.fixed:
+                try:
+                    self._register(entries[0][0], entries[0][6])
+                except BaseException:  # an optimization only: the batch is served all the same
+                    _log_exception("pyublk: device %s: registering fixed_fds failed", self.dev.id)
+            methods, route, handle = self.methods, self.route, self.handle
+            for i, (io, buf, op, flags, off, ln, qid, tag, _r, _fd, _lo) in enumerate(entries):
+                handed = None
+                try:
+                    if route is not None and (op == L.UBLK_OP_READ or op == L.UBLK_OP_WRITE):
+                        where = route("read" if op == L.UBLK_OP_READ else "write", off, ln)
+                        if where is not None:
+                            fd, file_off = where
+                            # a negative fd would leave the request pending; the
+                            # views refuse what is not an int or does not fit
+                            # (TypeError / ValueError: the request fails with EIO)
+                            if fd < 0:
+                                raise ValueError(f"route() returned {where!r}: a negative fd")
+                            u64s[i * _U64S + _LEASE_OFF] = file_off
+                            ints[i * _INTS + _LEASE_FD] = fd
+                            continue
+                    if handle is not None:
+                        handed = self._io(io, op, flags, off, ln, qid, tag)
+                        handle(handed)
                         continue
-                if handle is not None:
-                    handed = True
-                    self._to_handle(io, op, flags, off, ln, qid, tag)
-                    continue
-                ints[i * _INTS + _RESULT] = self._simple(methods, op, off, ln, buf)
-            except Exception:
-                log.exception("pyublk: device %s: %s of %d bytes at %d failed: the request fails with EIO",
-                              self.dev.id, _NAMES.get(op, op), ln, off)
-                if handed:  # handle(io) may have completed it or leased it
-                    self.dev._fail(None, io)
-                else:
-                    ints[i * _INTS + _RESULT] = -_errno.EIO
-                    ints[i * _INTS + _LEASE_FD] = -1
+                    ints[i * _INTS + _RESULT] = self._simple(methods, op, off, ln, buf)
+                except BaseException:
+                    if handed is None:
+                        ints[i * _INTS + _RESULT] = -_errno.EIO
+                        ints[i * _INTS + _LEASE_FD] = -1
+                    _log_exception("pyublk: device %s: %s of %d bytes at %d failed: the request fails with EIO",
+                                   self.dev.id, _NAMES.get(op, op), ln, off)
+                    if handed is not None:  # handle(io) may have completed it, leased it, passed it on
+                        self.dev._fail(handed, io)
+        except BaseException:
+            # a failure outside the entries' own handling (reading the batch,
+            # a failing failure path): whatever is still pending and was not
+            # handed to handle(io) fails
+            if handed is not None:
+                self.dev._fail(handed, handed._ptr.value)
+            _fail_pending(ptr, n, i if handed is None else i + 1)
+            _log_exception("pyublk: device %s: a batch of %d requests failed: its pending requests fail with EIO",
+                           getattr(self.dev, "id", "?"), n)
 
     def _simple_batch(self, entries: Any, ints: memoryview, methods: dict) -> None:
         """The loop of a target with only the simple methods (`entries`: the
@@ -149,14 +203,14 @@ class Batcher:
                 v.release()
                 if r is None:
                     r = ln
-                elif not isinstance(r, int):
-                    raise TypeError(f"{_NAMES[op]}() returned {type(r).__name__}: want None or an int result")
+                elif type(r) is not int or r == PENDING:
+                    r = _result(r, op)
                 ints[i * _INTS + _RESULT] = r
-            except Exception:
-                log.exception("pyublk: device %s: %s of %d bytes at %d failed: the request fails with EIO",
-                              self.dev.id, _NAMES.get(op, op), ln, off)
+            except BaseException:
                 ints[i * _INTS + _RESULT] = -_errno.EIO
                 ints[i * _INTS + _LEASE_FD] = -1
+                _log_exception("pyublk: device %s: %s of %d bytes at %d failed: the request fails with EIO",
+                               self.dev.id, _NAMES.get(op, op), ln, off)
 
     def _simple(self, methods: dict, op: int, off: int, ln: int, buf: int) -> int:
         name = _NAMES.get(op)
@@ -179,15 +233,15 @@ class Batcher:
             r = m(off, ln)
             if r is None:
                 return 0
-        if not isinstance(r, int):
-            raise TypeError(f"{name}() returned {type(r).__name__}: want None or an int result")
-        return r
+        return _result(r, op)
 
-    def _to_handle(self, io: int, op: int, flags: int, off: int, ln: int, qid: int, tag: int) -> None:
+    def _io(self, io: int, op: int, flags: int, off: int, ln: int, qid: int, tag: int) -> Any:
         from ._device import Io
-        self.handle(Io._from_fields(self.dev, io, op, flags, off, ln, qid, tag))
+        return Io._from_fields(self.dev, io, op, flags, off, ln, qid, tag)
 
     def _register(self, io: int, qid: int) -> None:
+        # (on the queue thread, inside the callback: Device.close cannot free
+        # the handle under it, as ublk_dev_free waits for the callbacks)
         if qid in self.fixed_queues:
             return
         self.fixed_queues.add(qid)

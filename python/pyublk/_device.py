@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import errno as _errno
 import itertools
@@ -9,6 +10,8 @@ import logging
 import os
 import signal
 import threading
+import time
+import weakref
 from typing import Any, Callable, Optional
 
 from . import _batch
@@ -34,14 +37,38 @@ _RECOVERY = {
 }
 _RECOVERY_NAMES = {v: k for k, v in _RECOVERY.items()}
 
+# the ranges of the C arguments (ctypes would silently keep the low bits of
+# a larger value: an fd of 2**32 + 3 would become fd 3)
+_INT_MIN, _INT_MAX = -(1 << 31), (1 << 31) - 1
+_U32_MAX = (1 << 32) - 1
+_U64_MAX = (1 << 64) - 1
+
+
+def _int_in(what: str, v: Any, lo: int, hi: int) -> int:
+    """`v` if it is an int in lo..hi, else ValueError saying so."""
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ValueError(f"{what} must be an int in {lo}..{hi}, got {v!r}")
+    return v
+
+
+def _lease_args(what: str, fd: int, file_off: int, offset: int, length: int) -> None:
+    """fd (C int, >= 0), file offset (u64), range in the request (u32 each)."""
+    if type(fd) is int and type(file_off) is int and type(offset) is int and type(length) is int and \
+            0 <= fd <= _INT_MAX and 0 <= file_off <= _U64_MAX and 0 <= offset <= _U32_MAX and 0 <= length <= _U32_MAX:
+        return  # (the usual case, checked at once)
+    _int_in(f"{what}: fd", fd, 0, _INT_MAX)
+    _int_in(f"{what}: file offset", file_off, 0, _U64_MAX)
+    _int_in(f"{what}: offset", offset, 0, _U32_MAX)
+    _int_in(f"{what}: length", length, 0, _U32_MAX)
+
 
 def _choices(zero_copy: str, dev_id: Optional[int], recovery: str, affinity: str) -> dict[str, int]:
     """Checks the named choices every device takes; gives them as
     ublk_dev_config field values."""
     if zero_copy not in _MODES:
         raise ValueError(f"zero_copy must be one of {', '.join(_MODES)}, got {zero_copy!r}")
-    if dev_id is not None and (not isinstance(dev_id, int) or dev_id < 0):
-        raise ValueError(f"dev_id must be a non-negative int, got {dev_id!r}")
+    if dev_id is not None and (not isinstance(dev_id, int) or isinstance(dev_id, bool) or not 0 <= dev_id <= _INT_MAX):
+        raise ValueError(f"dev_id must be a non-negative int (at most {_INT_MAX}), got {dev_id!r}")
     if not isinstance(recovery, str) or recovery not in _RECOVERY:
         raise ValueError(f"recovery must be one of {', '.join(_RECOVERY)}, got {recovery!r}")
     if affinity not in _AFFINITY:
@@ -108,7 +135,10 @@ class Lease:
     request completes by itself when the last operation is over (with the
     total bytes or the first error). Direction is enforced: `read_into` and
     `recv` only on READ requests, `write_from` and `send` only on WRITE
-    requests (else UblkError EPERM)."""
+    requests (else UblkError EPERM). Once the request is completed, every
+    method raises UblkError EALREADY without touching the engine (ESHUTDOWN
+    once the device is closed); ValueError for an fd, offset or length out
+    of its C type's range."""
 
     __slots__ = ("_io",)
 
@@ -117,47 +147,69 @@ class Lease:
 
     def _op(self, name: str, fn: Any, args: tuple, callback: Optional[Callable[["Io", int], None]]) -> None:
         io = self._io
-        dev = io._dev
-        if callback is None:
-            r = fn(io._ptr, *args, _NULL_CB, None)
-        else:
-            key = dev._remember(io, callback)
-            r = fn(io._ptr, *args, dev._backing_cb, ctypes.c_void_p(key))
-            if r < 0:
-                dev._pending.pop(key, None)
+        dev = io._enter(name)
+        try:
+            if callback is None:
+                r = fn(io._ptr, *args, _NULL_CB, None)
+            else:
+                key = dev._remember(io, callback)
+                r = fn(io._ptr, *args, dev._backing_cb, ctypes.c_void_p(key))
+                if r < 0:
+                    dev._pending.pop(key, None)
+        finally:
+            dev._busy.pop()
         _check(r, name)
 
     def read_into(self, fd: int, file_off: int, offset: int, length: int, callback=None) -> None:
         """Fills `[offset, offset+length)` of a READ request from `fd` at
         `file_off` (zeros past the end of the file)."""
+        _lease_args("lease.read_into", fd, file_off, offset, length)
         self._op("lease.read_into", L.lib().ublk_io_lease_read, (fd, file_off, offset, length), callback)
 
     def write_from(self, fd: int, file_off: int, offset: int, length: int, callback=None) -> None:
         """Writes `[offset, offset+length)` of a WRITE request to `fd` at
         `file_off` (durably when the request has FUA)."""
+        _lease_args("lease.write_from", fd, file_off, offset, length)
         self._op("lease.write_from", L.lib().ublk_io_lease_write, (fd, file_off, offset, length), callback)
 
     def send(self, sock: int, offset: int, length: int, callback=None) -> None:
         """Sends `[offset, offset+length)` of a WRITE request on a stream socket."""
+        _lease_args("lease.send", sock, 0, offset, length)
         self._op("lease.send", L.lib().ublk_io_lease_send, (sock, offset, length), callback)
 
     def recv(self, sock: int, offset: int, length: int, callback=None) -> None:
         """Receives exactly `length` bytes from a stream socket into a READ request."""
+        _lease_args("lease.recv", sock, 0, offset, length)
         self._op("lease.recv", L.lib().ublk_io_lease_recv, (sock, offset, length), callback)
 
     def manual(self) -> None:
         """The target completes the request itself (`io.complete`), e.g. from a
         callback; the completion still waits for the operations in flight."""
-        _check(L.lib().ublk_io_lease_manual(self._io._ptr), "lease.manual")
+        io = self._io
+        dev = io._enter("lease.manual")
+        try:
+            r = L.lib().ublk_io_lease_manual(io._ptr)
+        finally:
+            dev._busy.pop()
+        _check(r, "lease.manual")
 
 
 class Io:
     """One request. `op` is "read", "write", "flush", "discard" or
     "write_zeroes"; `offset` and `length` in bytes. Complete it once with
     `complete(result)` (bytes done, 0 for ops without data, or a negative
-    errno), from any thread, now or later (an asyncio loop, a thread pool)."""
+    errno), from any thread, now or later (an asyncio loop, a thread pool).
 
-    __slots__ = ("_dev", "_ptr", "op", "offset", "length", "flags", "tag", "queue_id", "_view", "_done")
+    Once it is completed (by `complete`, or failed with EIO by pyublk when
+    the callback raised) every method refuses with UblkError EALREADY
+    without touching the engine: the handle is reused for the tag's next
+    request. A request leased without `lease.manual()` is completed by the
+    engine when its last operation is over; pyublk cannot see that, so do
+    not complete such a request later from another thread. After
+    `Device.close` the methods raise UblkError ESHUTDOWN."""
+
+    __slots__ = ("_dev", "_ptr", "op", "offset", "length", "flags", "tag", "queue_id", "_view", "_done",
+                 "__weakref__")
 
     _OPS = {L.UBLK_OP_READ: "read", L.UBLK_OP_WRITE: "write", L.UBLK_OP_FLUSH: "flush",
             L.UBLK_OP_DISCARD: "discard", L.UBLK_OP_WRITE_ZEROES: "write_zeroes"}
@@ -198,22 +250,68 @@ class Io:
     def fua(self) -> bool:
         return bool(self.flags & L.UBLK_FLAG_FUA)
 
+    def _enter(self, what: str) -> "Device":
+        """Before a call into C with this request's handle: refuses it once
+        the request is completed (the handle then carries the tag's next
+        request, or soon will: a call would act on someone else's request)
+        and once the device is closed (the handle is freed memory then), and
+        counts the call so that `Device.close` waits for it. Pair with
+        `dev._busy.pop()`."""
+        dev = self._dev
+        with dev._lock:
+            if self._done or dev._closed:
+                raise self._refused(what)
+            dev._busy.append(None)
+        return dev
+
+    def _refused(self, what: str) -> UblkError:
+        if self._done:
+            return UblkError(_errno.EALREADY, f"{what}: the request is already completed")
+        return UblkError(_errno.ESHUTDOWN, f"{what}: the device is closed")
+
+    def _claim(self) -> bool:
+        """Marks the request completed; False if it already was (by another
+        thread, perhaps): only the caller that got True may complete it in C."""
+        with self._dev._lock:
+            if self._done:
+                return False
+            self._done = True
+            return True
+
     @property
     def buf(self) -> memoryview:
         """The request data as a writable memoryview over the engine's memory
         (READ: fill it; WRITE: read it). Only in copy mode (a target with
         read/write methods, or needs_buffer=True). Valid until the request is
-        completed: the view is released then and using it raises ValueError.
-        Do not keep slices of it beyond that."""
-        if self._view is None:
-            if self._done:
-                raise ValueError("the request is completed: its buffer is gone")
+        completed (or the device closed): the view is released then and using
+        it raises ValueError. Do not keep slices of it, objects over its
+        memory (`ctypes` `from_buffer`) nor objects exporting it (a numpy
+        array over it) beyond that: pyublk cannot revoke those, and they
+        would show the memory of the tag's later requests (`complete` raises
+        BufferError when it meets an export; slices and ctypes objects go
+        unnoticed). UblkError EALREADY once the request is completed."""
+        v = self._view
+        if v is not None:
+            return v
+        dev = self._enter("io.buf")
+        try:
             p = L.lib().ublk_io_buf(self._ptr)
-            if not p:
-                raise ValueError(f"no buffer: a {self.op} request, or data mode {self._dev.data_mode} "
-                                 "(buffers exist in copy mode only; use io.lease, or needs_buffer=True)")
-            self._view = memoryview((ctypes.c_char * self.length).from_address(p)).cast("B")
-        return self._view
+        finally:
+            dev._busy.pop()
+        if not p:
+            raise ValueError(f"no buffer: a {self.op} request, or data mode {dev.data_mode} "
+                             "(buffers exist in copy mode only; use io.lease, or needs_buffer=True)")
+        v = memoryview((ctypes.c_char * self.length).from_address(p)).cast("B")
+        with dev._lock:  # (another thread may have completed it, or closed the device, meanwhile)
+            if not (self._done or dev._closed or self._view is not None):
+                self._view = v
+                dev._bufs.add(self)  # close() releases it
+                return v
+        v.release()
+        cur = self._view  # (made by another thread meanwhile)
+        if cur is not None:
+            return cur
+        raise self._refused("io.buf")
 
     @property
     def lease(self) -> Lease:
@@ -226,24 +324,60 @@ class Io:
         (the queue thread); `fd` must stay open while the device serves.
         Registering twice is a no-op; raises UblkError (EOPNOTSUPP on kernels
         without sparse file tables: IO on the fd works the same)."""
-        _check(L.lib().ublk_io_register_fd(self._ptr, fd), "io.register_fd")
+        _int_in("io.register_fd: fd", fd, 0, _INT_MAX)
+        dev = self._enter("io.register_fd")
+        try:
+            r = L.lib().ublk_io_register_fd(self._ptr, fd)
+        finally:
+            dev._busy.pop()
+        _check(r, "io.register_fd")
 
     def _release(self) -> None:
-        if self._view is not None:
-            self._view.release()
+        """Releases the view of `buf`. pyublk drops it even when that raises
+        BufferError (an export of it is still held): `buf` is not handed out
+        again, the export stays the holder's."""
+        v = self._view
+        if v is not None:
             self._view = None
+            self._dev._bufs.discard(self)
+            v.release()
 
     def complete(self, result: int) -> None:
         """Completes the request (raises UblkError: EALREADY if it was already
-        completed, EINVAL for a result larger than the request or one short
-        of it where the kernel cannot take part of a request (anything but a
-        READ in copy mode: the request then fails with EIO), ESHUTDOWN after
-        the device stopped)."""
+        completed, by `complete` or by pyublk failing it after its callback
+        raised; EINVAL for a result larger than the request or one short of
+        it where the kernel cannot take part of a request (anything but a
+        READ in copy mode: the request then fails with EIO); ESHUTDOWN after
+        the device stopped or was closed; ValueError for a result that does
+        not fit a C int). The view of `buf` is released first; if something
+        still exports it, the request is completed all the same and
+        BufferError is raised after (that export now shows memory the engine
+        reuses: drop it)."""
         if not isinstance(result, int):
             raise TypeError(f"result must be an int (bytes done or -errno), not {type(result).__name__}")
-        self._release()
-        self._done = True
-        _check(L.lib().ublk_io_complete(self._ptr, result), "io.complete")
+        if not _INT_MIN <= result <= _INT_MAX:
+            raise ValueError(f"result must fit a C int ({_INT_MIN}..{_INT_MAX}), got {result}")
+        dev = self._dev
+        with dev._lock:  # (one test-and-set: two threads cannot both complete it)
+            if self._done or dev._closed:
+                raise self._refused("io.complete")
+            self._done = True
+            dev._busy.append(None)
+        held = None
+        try:
+            if self._view is not None:
+                try:
+                    self._release()
+                except BufferError as e:  # completed all the same: reported below
+                    held = e
+            r = L.lib().ublk_io_complete(self._ptr, result)
+        finally:
+            dev._busy.pop()
+        _check(r, "io.complete")
+        if held is not None:
+            raise BufferError("io.complete: the request is completed, but an export of io.buf is still held "
+                              "(e.g. a numpy array over it): it now shows memory the engine reuses "
+                              "for later requests; release it before complete()") from held
 
     def __repr__(self) -> str:
         return f"<pyublk.Io {self.op} offset={self.offset} length={self.length} q{self.queue_id} tag {self.tag}>"
@@ -282,8 +416,9 @@ class Device:
     FLUSH / DISCARD are only advertised when `flush` / `discard` exist, or
     for a `handle` target when `discard=True` is passed; FLUSH is always
     sent to a `handle` target). An
-    exception fails that request with EIO and is logged with its traceback;
-    the device keeps serving.
+    exception (any BaseException, SystemExit included; also in `route`, or
+    a result that is not one) fails that request with EIO and is logged
+    with its traceback; the device keeps serving.
 
         with pyublk.Device(MyTarget(), size=1 << 30, queues=2) as dev:
             print(dev.path)
@@ -307,8 +442,10 @@ class Device:
     `recovery` (policy name), `target_name`, `target_args` (str or None).
 
     Lifetime: the Device owns the kernel device; `close()` (or leaving the
-    `with` block, or garbage collection) stops and deletes it. Keep the
-    Device object alive while it serves: its callbacks are referenced from C.
+    `with` block, or garbage collection, or the interpreter exiting) stops
+    and deletes it. Keep the Device object alive while it serves: its
+    callbacks are referenced from C. See `close` for what happens to Io
+    objects still held.
     """
 
     def __init__(self, target: Any, *, size: int, queues: int = 1, depth: int = 128,
@@ -324,6 +461,8 @@ class Device:
                 raise TypeError(f"{k} must be an int, not {type(v).__name__}")
             if v <= 0:
                 raise ValueError(f"{k} must be positive, got {v}")
+            if v > (_U64_MAX if k == "size" else _U32_MAX):
+                raise ValueError(f"{k} {v} is too large (at most {_U64_MAX if k == 'size' else _U32_MAX})")
         if size % logical_block_size:
             raise ValueError(f"size {size} is not a multiple of the logical block size {logical_block_size}")
         if not 1 <= queues <= 4096 or not 1 <= depth <= 4096:
@@ -354,6 +493,7 @@ class Device:
             setattr(cfg, k, v)
         _check(lib.ublk_dev_new(ctypes.byref(cfg), ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
                "ublk_dev_new")
+        _devices.add(self)
         self._load_info()
 
     @classmethod
@@ -392,6 +532,7 @@ class Device:
         has_handle, simple = self._setup(target)
         _check(L.lib().ublk_dev_recover(dev_id, sdir, ctypes.byref(self._ops), None, ctypes.byref(self._dev)),
                f"recover device {dev_id}")
+        _devices.add(self)
         self._load_info()
         if not has_handle and simple & {"read", "write"} and self.data_mode != "copy":
             self.close()  # it never served: the device is left for another try
@@ -443,6 +584,7 @@ class Device:
         self._batcher = None
         _check(lib.ublk_nbd_dev_new(ctypes.byref(cfg), ctypes.byref(n), ctypes.byref(self._dev)),
                f"nbd device for {host}:{port}")
+        _devices.add(self)
         self._load_info()
         return self
 
@@ -455,6 +597,25 @@ class Device:
         self._pending: dict[int, tuple[Io, Callable]] = {}
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
+        # Use after close: close() frees the C device and with it every
+        # ublk_io handle, while a worker thread may still hold an Io. Each
+        # call into C on the device or a handle is entered under `_lock`
+        # (Device._enter, Io._enter): refused once `_closed` is set, else
+        # counted in `_busy` (an entry appended, popped when the call
+        # returned: list ops need no lock). close() sets `_closed` under the
+        # lock, then waits for `_busy` to empty before ublk_dev_free. One
+        # short critical section per call (about 0.2 us, a fraction of a
+        # ctypes call's own cost); the batch paths (simple methods, route)
+        # make no such call per request and pay nothing. Calls made inside
+        # a callback would be safe without it (ublk_dev_free waits for the
+        # callbacks to return) but are counted all the same: telling them
+        # apart would cost as much.
+        self._closed = False
+        self._busy: list = []
+        # Ios whose `buf` view is live, weakly (a request completed by the
+        # engine, e.g. by its lease, never releases it): close() releases them
+        self._bufs: "weakref.WeakSet[Io]" = weakref.WeakSet()
+        self._queue_threads: set[int] = set()  # thread idents of the queue threads (queue_init..deinit)
         self._started = False
         self._get_desc = L.lib().ublk_io_get_desc
         self._max_io = 0  # set by _load_info
@@ -476,10 +637,16 @@ class Device:
         route = getattr(target, "route", None)
         self._batcher = _batch.Batcher(self, target, route if callable(route) else None) \
             if not has_handle or callable(route) else None
+        # queue_init / queue_deinit tell which threads are queue threads:
+        # close() there would wait for itself (ublk_dev_free refuses it)
+        self._qinit_cb = L.QUEUE_INIT(self._on_queue_init)
+        self._qdeinit_cb = L.QUEUE_DEINIT(self._on_queue_deinit)
         if self._batcher is not None:
-            self._ops = L.ublk_target_ops(handle_batch=self._batcher.cb)
+            self._ops = L.ublk_target_ops(handle_batch=self._batcher.cb, queue_init=self._qinit_cb,
+                                          queue_deinit=self._qdeinit_cb)
         else:
-            self._ops = L.ublk_target_ops(handle_io=self._handle_cb)
+            self._ops = L.ublk_target_ops(handle_io=self._handle_cb, queue_init=self._qinit_cb,
+                                          queue_deinit=self._qdeinit_cb)
         return has_handle, simple
 
     def _load_info(self) -> None:
@@ -499,6 +666,21 @@ class Device:
         self.path = f"/dev/ublkb{self.id}"
 
     # --- callbacks (queue threads, GIL taken by ctypes) ------------------------------
+    # Nothing may escape them, not even SystemExit / KeyboardInterrupt
+    # (ctypes would print it and return, leaving the request pending forever).
+    def _on_queue_init(self, _user: Any, _qid: int, _data: Any) -> int:
+        try:
+            self._queue_threads.add(threading.get_ident())
+        except BaseException:
+            pass
+        return 0
+
+    def _on_queue_deinit(self, _user: Any, _qid: int, _data: Any) -> None:
+        try:
+            self._queue_threads.discard(threading.get_ident())
+        except BaseException:
+            pass
+
     def _on_io(self, _user: Any, ptr: int) -> None:
         io = None
         try:
@@ -508,12 +690,19 @@ class Device:
                 return
             res = self._simple(io)
             io.complete(res)
-        except Exception:
-            log.exception("pyublk: device %s: %r failed: the request fails with EIO", getattr(self, "id", "?"), io)
+        except BaseException:
+            try:
+                log.exception("pyublk: device %s: %r failed: the request fails with EIO (unless it was completed)",
+                              getattr(self, "id", "?"), io)
+            except BaseException:
+                pass
             self._fail(io, ptr)
         finally:
             if io is not None and self._handle is None:
-                io._release()
+                try:
+                    io._release()
+                except BufferError:
+                    pass  # (reported by io.complete)
 
     def _simple(self, io: Io) -> int:
         m = self._methods.get(io.op)
@@ -534,14 +723,30 @@ class Device:
         return r
 
     def _fail(self, io: Optional[Io], ptr: int) -> None:
+        """Fails a request with EIO after its callback raised (on its queue
+        thread: a call into C there is safe even while close() runs, as
+        ublk_dev_free waits for the callbacks). `io` is marked completed
+        first, so a worker thread still holding it cannot complete the tag's
+        next request; nothing is done if it already was completed. Its view
+        is released before the request completes; an export of it that is
+        still held is logged (it is the holder's to drop)."""
         try:
             if io is not None:
-                io._release()
+                if not io._claim():
+                    return
+                try:
+                    io._release()
+                except BufferError:
+                    log.error("pyublk: %r: an export of io.buf is still held (e.g. a numpy array over it) "
+                              "while the request fails: it shows memory the engine reuses", io)
             r = L.lib().ublk_io_complete(ctypes.c_void_p(ptr), -_errno.EIO)
             if r < 0 and r not in (-_errno.EALREADY, -_errno.ESHUTDOWN, -_errno.ESTALE):
                 log.error("pyublk: failing request: %s", L.lib().ublk_strerror(r).decode())
-        except Exception:  # never let anything unwind into C
-            log.exception("pyublk: failing a request")
+        except BaseException:  # never let anything unwind into C
+            try:
+                log.exception("pyublk: failing a request")
+            except BaseException:
+                pass
 
     def _remember(self, io: Io, callback: Callable) -> int:
         with self._lock:
@@ -556,32 +761,50 @@ class Device:
         io, callback = entry
         try:
             callback(io, res)
-        except Exception:
-            log.exception("pyublk: device %s: lease callback of %r failed: the request fails with EIO", self.id, io)
+        except BaseException:
             try:
-                L.lib().ublk_io_lease_manual(io._ptr)
-            except Exception:
+                log.exception("pyublk: device %s: lease callback of %r failed: the request fails with EIO",
+                              self.id, io)
+            except BaseException:
                 pass
+            if not io._done:
+                try:
+                    L.lib().ublk_io_lease_manual(io._ptr)
+                except BaseException:
+                    pass
             self._fail(io, ptr)
 
     # --- life cycle ------------------------------------------------------------------
-    def _live(self) -> ctypes.c_void_p:
-        if not self._dev:
-            raise ValueError("the device is closed")
-        return self._dev
+    def _enter(self) -> ctypes.c_void_p:
+        """Before a call into C on the device: refused once it is closed
+        (ValueError), counted so that close() waits for it. Pair with
+        `self._busy.pop()`."""
+        with self._lock:
+            if self._closed or not self._dev:
+                raise ValueError("the device is closed")
+            self._busy.append(None)
+            return self._dev
+
+    def _call(self, fn: Any, *args: Any) -> int:
+        """fn(device handle, *args), entered as by _enter."""
+        dev = self._enter()
+        try:
+            return fn(dev, *args)
+        finally:
+            self._busy.pop()
 
     def start(self) -> None:
         """Starts serving in background threads; returns once `path` exists.
         The target's `fixed_fds` are read now."""
         if self._batcher is not None:
             self._batcher.arm()
-        _check(L.lib().ublk_dev_start(self._live()), "start")
+        _check(self._call(L.lib().ublk_dev_start), "start")
         self._started = True
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Waits until the device stops serving; True if it did within `timeout` s."""
-        ms = -1 if timeout is None else max(0, int(timeout * 1000))
-        r = L.lib().ublk_dev_wait(self._live(), ms)
+        ms = -1 if timeout is None else int(min(max(timeout, 0) * 1000, _INT_MAX))
+        r = self._call(L.lib().ublk_dev_wait, ms)
         if r == -_errno.ETIMEDOUT:
             return False
         _check(r, "wait")
@@ -589,8 +812,9 @@ class Device:
 
     def serve(self) -> None:
         """Starts (if needed) and serves until the device is stopped (`stop()`,
-        `ublk del`) or SIGINT / SIGTERM arrives; then stops it. A
-        KeyboardInterrupt is not re-raised: the device is simply stopped."""
+        `ublk del`), closed by another thread, or SIGINT / SIGTERM arrives;
+        then stops it. A KeyboardInterrupt is not re-raised: the device is
+        simply stopped."""
         if not self._started:
             self.start()
         stop = threading.Event()
@@ -603,11 +827,19 @@ class Device:
                     break
         except KeyboardInterrupt:
             pass
+        except ValueError:
+            if not self._closed:
+                raise
+            return  # closed by another thread: stopped and deleted already
         finally:
             if old is not None:
                 signal.signal(signal.SIGTERM, old)
         self.stop()
-        self.wait(30)
+        try:
+            self.wait(30)
+        except ValueError:
+            if not self._closed:
+                raise
 
     def map(self, offset: int, length: int, fd: int, file_offset: Optional[int] = None, *,
             read: bool = True, write: bool = True) -> None:
@@ -620,43 +852,87 @@ class Device:
         after the call see the change. Keep `fd` open while it is mapped.
         Any thread, before or while serving. UblkError EINVAL (range not in
         the device or not block-aligned, no direction), EBADF, ENOSPC (65536
-        extents)."""
+        extents); ValueError for arguments out of their C range."""
         flags = (L.UBLK_MAP_READ if read else 0) | (L.UBLK_MAP_WRITE if write else 0)
-        for k, v in (("offset", offset), ("length", length), ("fd", fd)):
+        for k, v, hi in (("offset", offset, _U64_MAX), ("length", length, _U64_MAX), ("fd", fd, _INT_MAX)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{k} must be a non-negative int, got {v!r}")
+            _int_in(k, v, 0, hi)
         file_offset = offset if file_offset is None else file_offset
         if not isinstance(file_offset, int) or file_offset < 0:
             raise ValueError(f"file_offset must be a non-negative int, got {file_offset!r}")
-        _check(L.lib().ublk_dev_map(self._live(), offset, length, fd, file_offset, flags), "map")
+        _int_in("file_offset", file_offset, 0, _U64_MAX)
+        _check(self._call(L.lib().ublk_dev_map, offset, length, fd, file_offset, flags), "map")
 
     def unmap(self, offset: int, length: int) -> None:
         """Removes device bytes [offset, offset + length) from the routes of
         `map`: requests there reach the target again."""
-        if offset < 0 or length < 0:
-            raise ValueError("offset and length must be non-negative")
-        _check(L.lib().ublk_dev_unmap(self._live(), offset, length), "unmap")
+        for k, v in (("offset", offset), ("length", length)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError("offset and length must be non-negative ints")
+            _int_in(k, v, 0, _U64_MAX)
+        _check(self._call(L.lib().ublk_dev_unmap, offset, length), "unmap")
 
     def stop(self) -> None:
-        """Stops the device (any thread); pending requests are aborted."""
+        """Stops the device (any thread); pending requests are aborted. A
+        no-op once the device is closed."""
         if not self._dev or not self._started:
             return
-        r = L.lib().ublk_dev_stop(self._dev)
+        try:
+            r = self._call(L.lib().ublk_dev_stop)
+        except ValueError:
+            return  # closed meanwhile (close stops it)
         if r < 0 and r != -_errno.EALREADY:
             _check(r, "stop")
 
     def close(self) -> None:
-        """Stops and deletes the device and frees it (idempotent)."""
-        if self._dev:
-            dev, self._dev = self._dev, ctypes.c_void_p()
-            L.lib().ublk_dev_free(dev)
+        """Stops and deletes the device and frees it (idempotent). Io
+        objects still held (a worker thread) then refuse with UblkError
+        ESHUTDOWN, the Device's methods with ValueError; calls into the
+        library in progress on other threads are waited for (a `wait()` is
+        ended by stopping the device), so none runs on freed memory. `buf`
+        views of requests not completed are released (an export of one that
+        is still held is the holder's: it shows freed memory). Raises
+        UblkError EDEADLK on a queue thread of this device (inside one of
+        its callbacks), where it would wait for itself: the device is kept
+        then; close it from another thread (`stop()` works there)."""
+        if not self._dev:
+            return
+        with self._lock:
+            if not self._dev:
+                return
+            if threading.get_ident() in self._queue_threads:
+                raise UblkError(_errno.EDEADLK, "close() on a queue thread of the device (inside a callback) "
+                                "would wait for itself: the device is kept; close it from another thread")
+            closing = self._closed
+            self._closed = True  # from now on nothing new enters the library
+            busy = bool(self._busy)
+            bufs = list(self._bufs)
+        if closing:  # another thread is closing it: done when it is
+            while self._dev:
+                time.sleep(0.001)
+            return
+        if busy and self._started:
+            L.lib().ublk_dev_stop(self._dev)  # ends a wait() in progress (stop: any thread, any time)
+        while self._busy:  # the calls in progress (short ones, but for wait)
+            time.sleep(0.001)
+        for io in bufs:
+            try:
+                io._release()
+            except BufferError:
+                log.error("pyublk: device %s: closed while an export of %r's buffer is still held: "
+                          "it shows freed memory now", getattr(self, "id", "?"), io)
+        L.lib().ublk_dev_free(self._dev)  # waits for the callbacks, which find the device closed
+        with self._lock:
+            self._dev = ctypes.c_void_p()
+        _devices.discard(self)
 
     def stats(self) -> list[dict[str, int]]:
         """Per queue: ios, bytes, errors, in_flight, copied_bytes, lease_ops."""
         out = []
         for q in range(self.queues):
             s = L.ublk_queue_stats()
-            _check(L.lib().ublk_dev_queue_stats(self._live(), q, ctypes.byref(s)), "stats")
+            _check(self._call(L.lib().ublk_dev_queue_stats, q, ctypes.byref(s)), "stats")
             out.append({f: getattr(s, f) for f, _ in L.ublk_queue_stats._fields_})
         return out
 
@@ -679,9 +955,38 @@ class Device:
     def __del__(self) -> None:
         try:
             self.close()
+        except UblkError as e:
+            if e.errno == _errno.EDEADLK:
+                # collected on one of its own queue threads: freeing its
+                # callbacks now would pull them from under the engine; kept
+                # (resurrected) until exit, where _close_at_exit closes it
+                _parked.append(self)
         except Exception:
             pass
 
     def __repr__(self) -> str:
         return (f"<pyublk.Device {self.path} {self.size} bytes, {self.queues} queues, mode {self.data_mode}, "
                 f"recovery {self.recovery}>")
+
+
+# Devices not closed yet (weakly: an unreferenced Device closes itself when
+# collected), and those collected on their own queue thread (kept alive).
+_devices: "weakref.WeakSet[Device]" = weakref.WeakSet()
+_parked: list[Device] = []
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """At interpreter exit, stops and deletes the devices still open, so that
+    no queue thread calls into an interpreter being finalized (a device with
+    a recovery policy too: to leave one for `Device.recover`, the process
+    must end without closing it, e.g. killed, or os._exit())."""
+    for dev in list(_devices) + _parked:
+        try:
+            dev.close()
+        except BaseException:
+            try:
+                log.exception("pyublk: closing %r at exit", dev)
+            except BaseException:
+                pass
+    _parked.clear()

@@ -521,6 +521,277 @@ def test_complete_from_other_thread_and_twice():
     assert errno.EALREADY in errs
 
 
+def read_within(path: str, off: int, n: int = 4096, timeout: float = 20):
+    """read_direct on another thread: its bytes or errno; AssertionError if
+    the request is still pending after `timeout` s (a request left pending
+    by the binding)."""
+    out = []
+    t = threading.Thread(target=lambda: out.append(read_direct(path, off, n)), daemon=True)
+    t.start()
+    t.join(timeout)
+    assert out, f"a read of {n} bytes at {off} still pending after {timeout} s"
+    return out[0]
+
+
+class Stale:
+    """depth 1: every request has tag 0, so the same C handle. The READ at
+    1 MiB is completed at once and its Io kept; when the READ at 2 MiB
+    arrives on that handle, a worker tries the old Io again (complete with
+    EIO, buf), then completes the new request."""
+
+    def __init__(self):
+        self.old = None
+        self.errs = []
+
+    def handle(self, io):
+        if io.op == "read" and io.offset == 1 << 20:
+            self.old = io
+            io.complete(io.length)
+            return
+        if io.op == "read" and io.offset == 2 << 20 and self.old is not None:
+            old = self.old
+
+            def later():
+                for f in (lambda: old.complete(-errno.EIO), lambda: old.buf, lambda: old.lease.manual()):
+                    try:
+                        f()
+                        self.errs.append("no error")
+                    except pyublk.UblkError as e:
+                        self.errs.append(e.errno)
+                io.complete(io.length)
+            threading.Thread(target=later).start()
+            return
+        io.complete(io.length if io.op in ("read", "write") else 0)
+
+
+def test_second_complete_does_not_reach_the_next_request():
+    """A completed Io refuses everything with EALREADY, without touching the
+    handle its tag reuses: the next request on it is not failed by it."""
+    t = Stale()
+    with pyublk.Device(t, size=8 << 20, depth=1) as dev:
+        dev.start()
+        assert isinstance(read_within(dev.path, 1 << 20), bytes)
+        got = read_within(dev.path, 2 << 20)
+        assert isinstance(got, bytes) and len(got) == 4096, f"the next request on the tag failed: {got!r:.60}"
+        dev.stop()
+        dev.wait(30)
+    # (a udev probe reading at 2 MiB adds its own three)
+    assert t.errs and set(t.errs) == {errno.EALREADY}, t.errs
+
+
+class Exporter:
+    """Copy mode: READs fill their buffer with 0x42; at 1 and 2 MiB the
+    target keeps an export of it (what numpy.frombuffer(io.buf) does; here a
+    PickleBuffer); at 2 MiB it also raises."""
+
+    def __init__(self):
+        self.held, self.errors = [], []
+
+    def handle(self, io):
+        if io.op != "read":
+            io.complete(io.length if io.op == "write" else 0)
+            return
+        import pickle
+        buf = io.buf
+        buf[:] = b"\x42" * io.length
+        if io.offset in (1 << 20, 2 << 20):
+            self.held.append(pickle.PickleBuffer(buf))
+        if io.offset == 2 << 20:
+            raise RuntimeError("expected by the test")
+        try:
+            io.complete(io.length)
+        except BufferError as e:
+            self.errors.append(e)
+
+
+def test_held_buffer_export_does_not_leave_the_request_pending(caplog):
+    """complete() with an export of io.buf still held completes the request
+    and raises BufferError after; a callback that raises with one held still
+    fails its request with EIO. Neither stays pending."""
+    t = Exporter()
+    with pyublk.Device(t, size=8 << 20, depth=4, zero_copy="copy", needs_buffer=True) as dev:
+        dev.start()
+        assert read_within(dev.path, 1 << 20) == b"\x42" * 4096
+        assert t.errors and all("completed" in str(e) for e in t.errors), t.errors
+        assert read_within(dev.path, 2 << 20) == errno.EIO
+        assert any("still held" in r.getMessage() for r in caplog.records), "the held export was not reported"
+        assert read_within(dev.path, 0) == b"\x42" * 4096  # still serving
+        dev.stop()
+        dev.wait(30)
+    t.held.clear()
+
+
+class Misbehaving:
+    """Simple methods: SystemExit at 1 MiB, the batch's pending marker as a
+    result at 2 MiB; zeros elsewhere."""
+
+    def read(self, offset, length, buf):
+        if offset == 1 << 20:
+            raise SystemExit(1)
+        if offset == 2 << 20:
+            return -(1 << 31)
+        buf[:] = bytes(length)
+
+
+class BadRoute:
+    """route(): a negative fd at 1 MiB, KeyboardInterrupt at 2 MiB; the file elsewhere."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+    def route(self, op, offset, length):
+        if offset == 1 << 20:
+            return -1, 0
+        if offset == 2 << 20:
+            raise KeyboardInterrupt
+        return self.fd, offset
+
+    def handle(self, io):
+        io.complete(io.length if io.op in ("read", "write") else 0)
+
+
+def test_batch_failures_fail_the_request_instead_of_leaving_it_pending(backing):
+    """Batch path: a BaseException in a method or in route(), a route to a
+    negative fd, a result equal to UBLK_BATCH_PENDING: the request fails
+    with EIO (it used to stay pending forever) and the device keeps serving."""
+    with pyublk.Device(Misbehaving(), size=8 << 20, depth=4) as dev:
+        dev.start()
+        assert read_within(dev.path, 1 << 20) == errno.EIO
+        assert read_within(dev.path, 2 << 20) == errno.EIO
+        assert read_within(dev.path, 0) == bytes(4096)
+        dev.stop()
+        dev.wait(30)
+    with open(backing, "r+b") as f:
+        f.write(b"\x17" * 4096)
+    fd = os.open(backing, os.O_RDWR)
+    try:
+        with pyublk.Device(BadRoute(fd), size=8 << 20, depth=4) as dev:
+            dev.start()
+            assert read_within(dev.path, 1 << 20) == errno.EIO
+            assert read_within(dev.path, 2 << 20) == errno.EIO
+            assert read_within(dev.path, 0) == b"\x17" * 4096
+            dev.stop()
+            dev.wait(30)
+    finally:
+        os.close(fd)
+
+
+class Holder:
+    """Keeps the READ at 1 MiB for a worker that never gets to complete it."""
+
+    def __init__(self):
+        self.got = threading.Event()
+        self.io = None
+
+    def handle(self, io):
+        if io.op == "read" and io.offset == 1 << 20:
+            self.io = io
+            self.got.set()
+            return
+        io.complete(io.length if io.op in ("read", "write") else 0)
+
+
+def test_close_while_a_worker_holds_an_io():
+    """close() with a request held by another thread: the request is
+    aborted, close returns, and the Io then refuses with ESHUTDOWN instead
+    of calling into the freed device; the Device refuses with ValueError."""
+    t = Holder()
+    dev = pyublk.Device(t, size=8 << 20, depth=4, zero_copy="copy", needs_buffer=True)
+    try:
+        dev.start()
+        out = []
+        reader = threading.Thread(target=lambda: out.append(read_direct(dev.path, 1 << 20, 4096)), daemon=True)
+        reader.start()
+        assert t.got.wait(20), "the read did not reach the target"
+        view = t.io.buf  # released by close
+        closer = threading.Thread(target=dev.close, daemon=True)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive(), "close() did not return with a request held by a worker"
+        reader.join(30)
+        assert out and isinstance(out[0], int), f"the held read did not fail: {out!r:.60}"
+        for f in (lambda: t.io.complete(4096), lambda: t.io.buf):
+            with pytest.raises(pyublk.UblkError) as e:
+                f()
+            assert e.value.errno == errno.ESHUTDOWN, e.value
+        with pytest.raises(ValueError):
+            view[0] = 1
+        with pytest.raises(ValueError, match="closed"):
+            dev.stats()
+    finally:
+        dev.close()
+
+
+class Closer:
+    """Tries dev.close() inside its callback (a queue thread) once."""
+
+    def __init__(self):
+        self.dev = None
+        self.errs = []
+
+    def handle(self, io):
+        if self.dev is not None and not self.errs:
+            try:
+                self.dev.close()
+                self.errs.append("no error")
+            except pyublk.UblkError as e:
+                self.errs.append(e.errno)
+        io.complete(io.length if io.op in ("read", "write") else 0)
+
+
+def test_close_inside_a_callback_is_refused_and_the_device_kept():
+    t = Closer()
+    with pyublk.Device(t, size=8 << 20, depth=4) as dev:
+        t.dev = dev
+        dev.start()
+        assert isinstance(read_within(dev.path, 0), bytes)
+        assert t.errs == [errno.EDEADLK], t.errs
+        assert isinstance(read_within(dev.path, 4096), bytes)  # still served
+        assert dev.stats()[0]["ios"] > 0
+        dev.stop()
+        assert dev.wait(30)
+
+
+def test_exit_with_a_device_still_open_closes_it():
+    """A script that ends without closing its serving device: the atexit
+    hook stops and deletes it before the interpreter is finalized."""
+    # a daemon thread keeps reading, so that the queue thread is in its
+    # callback when the main thread ends
+    script = (
+        "import mmap, os, threading, time, pyublk\n"
+        "class Mem:\n"
+        "    def read(self, offset, length, buf):\n"
+        "        buf[:] = bytes(length)\n"
+        "dev = pyublk.Device(Mem(), size=8 << 20)\n"
+        "dev.start()\n"
+        "print(dev.id, flush=True)\n"
+        "def reader():\n"
+        "    fd = os.open(dev.path, os.O_RDONLY | os.O_DIRECT)\n"
+        "    buf = mmap.mmap(-1, 4096)\n"
+        "    while True:\n"
+        "        try:\n"
+        "            os.preadv(fd, [buf], 0)\n"
+        "        except OSError:\n"
+        "            return\n"
+        "threading.Thread(target=reader, daemon=True).start()\n"
+        "time.sleep(0.5)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    dev_id = int(p.stdout.split()[0]) if p.stdout.strip() else None
+    try:
+        assert p.returncode == 0, f"exit {p.returncode}: {p.stderr[-2000:]}"
+        assert "Fatal Python error" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]
+        assert dev_id is not None
+        deadline = time.monotonic() + 10  # (a delete may end as the process's last fd closes)
+        while os.path.exists(f"/dev/ublkc{dev_id}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not os.path.exists(f"/sys/block/ublkb{dev_id}") and not os.path.exists(f"/dev/ublkc{dev_id}"), \
+            "the device outlived its process"
+    finally:
+        if dev_id is not None and os.path.exists(f"/dev/ublkc{dev_id}") and os.access(UBLK, os.X_OK):
+            subprocess.run([str(UBLK), "del", str(dev_id)], capture_output=True, timeout=60)
+
+
 # --- crash recovery -------------------------------------------------------------------
 
 def need_recovery(feature: str = "USER_RECOVERY") -> None:
