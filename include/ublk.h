@@ -555,6 +555,10 @@ int ublk_dev_wait(struct ublk_dev *dev, int timeout_ms);
 /**
  * Stops the device (STOP_DEV): pending requests fail, the queue threads exit,
  * `ublk_dev_serve` returns. Any thread, also while another thread serves.
+ * STOP_DEV waits for the requests in flight: those the target still holds 5 s
+ * after the stop began (a stuck worker, a dead backend) are failed with EIO
+ * by the engine (after their lease operations), and the target's own
+ * completion of one then gives -EALREADY, -ESTALE or -ESHUTDOWN.
  * On a queue thread of the device (a callback that decides to stop it) the
  * stop runs on a thread of its own and this returns at once: STOP_DEV waits
  * for the requests in flight, which that queue thread serves once the

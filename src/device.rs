@@ -99,6 +99,13 @@ pub struct StopHandle {
 impl StopHandle {
     /// Sends STOP_DEV; pending requests are aborted and the queues wind down.
     pub fn stop(&self) -> Result<()> {
+        // (the queue threads fail what their targets still hold after
+        // STOP_GRACE: STOP_DEV waits for every request in flight)
+        for s in self.shared.lock().iter() {
+            s.stopping.store(true, Ordering::Release);
+            s.wake_pending.store(false, Ordering::Release);
+            s.wake();
+        }
         let r = Ctrl::open().and_then(|mut c| {
             c.set_unprivileged(self.unprivileged);
             c.stop_dev(self.dev_id, self.timeout)

@@ -108,6 +108,12 @@ pub fn errno_name(errno: i32) -> String {
         libc::ENOTCONN => "ENOTCONN",
         libc::EPROTO => "EPROTO",
         libc::EBADMSG => "EBADMSG",
+        libc::ESTALE => "ESTALE",
+        libc::EDEADLK => "EDEADLK",
+        libc::ENOTRECOVERABLE => "ENOTRECOVERABLE",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::EMSGSIZE => "EMSGSIZE",
         _ => return format!("E{e}"),
     };
     name.to_string()
@@ -125,6 +131,7 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with("ADD_DEV refused: EINVAL (Invalid argument)"), "{s}");
         assert_eq!(errno_name(9999), "E9999");
+        assert_eq!(errno_name(libc::ESTALE), "ESTALE");
         assert_eq!(strerror(libc::ENODEV), "No such device");
     }
 }

@@ -71,6 +71,10 @@ pub(crate) struct QueueShared {
     pub wake_pending: AtomicBool,
     /// Set when the queue thread has exited: completions go nowhere.
     pub closed: AtomicBool,
+    /// Set when the device is being stopped (`StopHandle::stop`): the queue
+    /// thread then fails requests the target still holds after a grace
+    /// period (see `Queue::run`).
+    pub stopping: AtomicBool,
     /// A READ may complete with fewer bytes than asked (copy mode only, see
     /// `check_result`).
     pub partial_reads: bool,
@@ -349,6 +353,7 @@ mod tests {
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             partial_reads: true,
             stats: Default::default(),
             _bufs: Arc::new(crate::buf::TagBuffers::new(depth, 4096).unwrap()),

@@ -15,8 +15,13 @@ use io_uring::{opcode, squeue, types, IoUring};
 use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 // user_data layout: kind in bits 61..63, target data in bits 16..47, tag in 0..15.
+/// How long a stopping device's queue lets its target finish the requests
+/// it holds before failing them (`Queue::fail_held`).
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 const KIND_SHIFT: u32 = 61;
 const KIND_CMD: u64 = 0;
 const KIND_BACKING: u64 = 1;
@@ -92,6 +97,9 @@ pub(crate) struct QueueCore {
     pub(crate) zero_fd: Option<OwnedFd>,
     in_kernel: u32,
     target_owned: u32,
+    /// A command came back aborted: the device is stopping (or its queue
+    /// quiescing), no more requests come.
+    aborted: bool,
     pub(crate) backing_inflight: u32,
     /// Target of the eventfd read (cancelled before the ring goes, see `run`).
     wake_buf: Box<u64>,
@@ -381,6 +389,7 @@ impl Queue {
             eventfd: efd,
             wake_pending: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             partial_reads: s.mode == DataMode::Copy,
             stats: Default::default(),
             _bufs: bufs.clone(),
@@ -404,6 +413,7 @@ impl Queue {
             zero_fd,
             in_kernel: 0,
             target_owned: 0,
+            aborted: false,
             backing_inflight: 0,
             wake_buf: Box::new(0),
             wake_armed: false,
@@ -428,14 +438,32 @@ impl Queue {
     /// Serves until every tag is aborted (device stopped) or a forced exit.
     pub(crate) fn run(mut self) -> Result<()> {
         let mut cqes: Vec<(u64, i32)> = Vec::with_capacity(256);
+        // when the device was seen stopping with requests still in the target
+        let mut held_since: Option<Instant> = None;
         loop {
             self.before_sleep();
             if self.done() {
                 break;
             }
-            match self.core.ring.submit_and_wait(1) {
+            let stopping = self.core.aborted || self.core.shared.stopping.load(Ordering::Acquire);
+            let r = if stopping && self.core.target_owned > 0 {
+                // STOP_DEV waits for every request in flight: one the target
+                // never completes (a stuck worker, a dead backend) would hold
+                // the stop until its timeout, then the queue is forced out
+                let since = *held_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STOP_GRACE {
+                    // (their commits wait for lease operations in flight: so
+                    // this may come again, finding nothing new to fail)
+                    self.fail_held();
+                }
+                let ts = types::Timespec::new().nsec(100_000_000);
+                self.core.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&ts))
+            } else {
+                self.core.ring.submit_and_wait(1)
+            };
+            match r {
                 Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY)) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) | Some(libc::ETIME)) => {}
                 Err(e) => return Err(Error::from_io(e, format!("queue {}: io_uring_enter failed", self.core.info.queue_id))),
             }
             // Awake: completions posted from now on are drained by the next
@@ -451,6 +479,24 @@ impl Queue {
         }
         self.disarm_wake();
         Ok(())
+    }
+
+    /// The device is stopping and the target has held its requests for
+    /// STOP_GRACE: fails each of them with EIO (after its lease operations,
+    /// as any completion), so the stop goes on. The target's own completion
+    /// of one later gets EALREADY (or ESTALE, ESHUTDOWN), like a second one.
+    fn fail_held(&mut self) {
+        let c = &mut self.core;
+        let mut n = 0;
+        for tag in 0..c.local.len() as u16 {
+            if c.shared.claim(tag, c.local[tag as usize].seq).is_ok() {
+                c.commit(tag, -libc::EIO);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            eprintln!("ublk: queue {}: the device is stopping: failed {n} request(s) the target still held after {} s", c.info.queue_id, STOP_GRACE.as_secs());
+        }
     }
 
     /// Takes the completions other threads posted, before the thread may
@@ -501,7 +547,9 @@ impl Queue {
                 self.core.in_kernel -= 1;
                 if res == sys::UBLK_IO_RES_OK {
                     self.start_io(tag);
-                } else if res != sys::UBLK_IO_RES_ABORT {
+                } else if res == sys::UBLK_IO_RES_ABORT {
+                    self.core.aborted = true;
+                } else {
                     eprintln!("ublk: queue {} tag {tag}: command failed: {}", self.core.info.queue_id, Error::new(-res, "FETCH/COMMIT"));
                 }
             }

@@ -42,6 +42,23 @@ type mem struct {
 	zeroes           atomic.Int64
 }
 
+// panickingHandler serves reads and writes from m (copy mode), panicking
+// on a read at offset bad while armed says so.
+func panickingHandler(m *mem, bad int64, armed func() bool) HandlerFunc {
+	return HandlerFunc(func(r *Request) {
+		if r.Op() == OpRead && r.Offset() == bad && armed() {
+			panic("handler boom")
+		}
+		switch r.Op() {
+		case OpRead:
+			m.ReadAt(r.Data(), r.Offset())
+		case OpWrite:
+			m.WriteAt(r.Data(), r.Offset())
+		}
+		r.Fail(nil)
+	})
+}
+
 func (m *mem) ReadAt(p []byte, off int64) (int, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -308,18 +325,7 @@ func TestPanickingBackend(t *testing.T) {
 			var backend any = p
 			if kind == "handler" {
 				cfg.NeedsBuffer = true
-				backend = HandlerFunc(func(r *Request) {
-					if r.Op() == OpRead && r.Offset() == bad {
-						panic("handler boom")
-					}
-					switch r.Op() {
-					case OpRead:
-						p.mem.ReadAt(r.Data(), r.Offset())
-					case OpWrite:
-						p.mem.WriteAt(r.Data(), r.Offset())
-					}
-					r.Fail(nil)
-				})
+				backend = panickingHandler(&p.mem, bad, func() bool { return true })
 			}
 			d := newDev(t, cfg, backend)
 			f := openDev(t, d)
@@ -924,18 +930,7 @@ func TestCloseFromOnError(t *testing.T) {
 			cfg := Config{Size: size, Queues: 2, Async: kind == "async", OnError: onError, Timeout: 20 * time.Second}
 			if kind == "handler" {
 				cfg.NeedsBuffer = true
-				backend = HandlerFunc(func(r *Request) {
-					if r.Op() == OpRead && r.Offset() == bad && b.armed.Load() {
-						panic("handler boom")
-					}
-					switch r.Op() {
-					case OpRead:
-						b.mem.ReadAt(r.Data(), r.Offset())
-					case OpWrite:
-						b.mem.WriteAt(r.Data(), r.Offset())
-					}
-					r.Fail(nil)
-				})
+				backend = panickingHandler(&b.mem, bad, b.armed.Load)
 			}
 			d := newDev(t, cfg, backend)
 			dev.Store(d)
