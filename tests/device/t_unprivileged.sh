@@ -10,6 +10,7 @@
 #   lets only the owner open an unprivileged disk), nor delete it;
 # - the user cannot see or delete root's device, cannot ask for recovery or a
 #   zero-copy mode: each refused with a clear message;
+# - a state directory made in advance by another user is refused (EPERM);
 # - the user deletes the device; nodes, server and state file are gone.
 # compat: yes
 # timeout: 600
