@@ -164,6 +164,34 @@ func fill(b []byte, seed int64) {
 
 // writeRead writes random blocks at offs through f, reads them back and
 // compares; it returns the data written at each offset.
+// within gives the first result on ch, failing the test when none comes
+// within d (what: the call that should have returned).
+func within(t *testing.T, ch <-chan error, d time.Duration, what string) error {
+	t.Helper()
+	select {
+	case err := <-ch:
+		return err
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %v", what, d)
+		return nil
+	}
+}
+
+// syncedToBacking fsyncs the device f, then checks that the backing file
+// holds data (what writeRead wrote, by offset).
+func syncedToBacking(t *testing.T, f, backing *os.File, data map[int64][]byte) {
+	t.Helper()
+	if err := f.Sync(); err != nil {
+		t.Fatalf("fsync: %v", err)
+	}
+	for off, want := range data {
+		got := make([]byte, len(want))
+		if _, err := backing.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
+			t.Fatalf("backing file at %d differs from what was written (%v)", off, err)
+		}
+	}
+}
+
 func writeRead(t *testing.T, f *os.File, offs []int64, size int, seed int64) map[int64][]byte {
 	t.Helper()
 	w, r := alignedBuf(t, size), alignedBuf(t, size)
@@ -429,16 +457,7 @@ func TestLease(t *testing.T) {
 	t.Logf("data mode %v", d.Info().DataMode)
 	f := openDev(t, d)
 	offs := []int64{0, 1<<20 + 8192, 5 << 20, size - 256<<10}
-	data := writeRead(t, f, offs, 256<<10, 7)
-	if err := f.Sync(); err != nil {
-		t.Fatalf("fsync: %v", err)
-	}
-	got := make([]byte, 256<<10)
-	for off, want := range data {
-		if _, err := file.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
-			t.Fatalf("backing file at %d differs from what was written (%v)", off, err)
-		}
-	}
+	syncedToBacking(t, f, file, writeRead(t, f, offs, 256<<10, 7))
 	buf := alignedBuf(t, 4096)
 	if _, err := f.ReadAt(buf, bad); !errors.Is(err, syscall.EIO) {
 		t.Errorf("read with a panicking lease callback: %v, want EIO", err)
@@ -538,6 +557,18 @@ func charGone(id int) bool {
 	return errors.Is(err, os.ErrNotExist)
 }
 
+// isDone says whether d stopped serving (for waitFor).
+func isDone(d *Device) func() bool {
+	return func() bool {
+		select {
+		case <-d.Done():
+			return true
+		default:
+			return false
+		}
+	}
+}
+
 func waitFor(what string, t *testing.T, limit time.Duration, cond func() bool) {
 	t.Helper()
 	end := time.Now().Add(limit)
@@ -609,14 +640,7 @@ func TestContextCancelUnderIO(t *testing.T) {
 			waitFor("IO under way", t, 30*time.Second, func() bool { return ios.Load() > 200 })
 			start := time.Now()
 			cancel()
-			waitFor("device stopped", t, 60*time.Second, func() bool {
-				select {
-				case <-d.Done():
-					return true
-				default:
-					return false
-				}
-			})
+			waitFor("device stopped", t, 60*time.Second, isDone(d))
 			stopped := time.Since(start)
 			ended := make(chan struct{})
 			go func() { wg.Wait(); close(ended) }()
@@ -873,16 +897,7 @@ func TestHandlerIgnoresAsync(t *testing.T) {
 	})
 	d := newDev(t, Config{Size: size, Queues: 2, Async: true}, h)
 	f := openDev(t, d)
-	data := writeRead(t, f, []int64{0, 1 << 20, size - 64<<10}, 64<<10, 5)
-	if err := f.Sync(); err != nil {
-		t.Fatalf("fsync: %v", err)
-	}
-	got := make([]byte, 64<<10)
-	for off, want := range data {
-		if _, err := file.ReadAt(got, off); err != nil || !bytes.Equal(got, want) {
-			t.Fatalf("backing file at %d differs from what was written (%v)", off, err)
-		}
-	}
+	syncedToBacking(t, f, file, writeRead(t, f, []int64{0, 1 << 20, size - 64<<10}, 64<<10, 5))
 	if exdev.Load() != 0 || registered.Load() == 0 {
 		t.Errorf("HandleIO with Config.Async: %d EXDEV, %d RegisterFd", exdev.Load(), registered.Load())
 	}
@@ -942,31 +957,14 @@ func TestCloseFromOnError(t *testing.T) {
 				t.Fatal("read of the failing block succeeded")
 			}
 			f.Close() // the device is deleted once nobody has it open
-			select {
-			case err := <-closed:
-				if err != nil {
-					t.Errorf("Close from OnError: %v", err)
-				}
-			case <-time.After(60 * time.Second):
-				t.Fatal("Close called from OnError did not return within 60 s")
+			if err := within(t, closed, 60*time.Second, "Close called from OnError"); err != nil {
+				t.Errorf("Close from OnError: %v", err)
 			}
-			waitFor("device stopped", t, 60*time.Second, func() bool {
-				select {
-				case <-d.Done():
-					return true
-				default:
-					return false
-				}
-			})
+			waitFor("device stopped", t, 60*time.Second, isDone(d))
 			res := make(chan error, 1)
 			go func() { res <- d.Close() }()
-			select {
-			case err := <-res:
-				if err != nil {
-					t.Errorf("Close after the one from OnError: %v", err)
-				}
-			case <-time.After(90 * time.Second):
-				t.Fatal("Close did not return within 90 s")
+			if err := within(t, res, 90*time.Second, "Close"); err != nil {
+				t.Errorf("Close after the one from OnError: %v", err)
 			}
 			waitFor("device removed", t, 30*time.Second, func() bool { return devGone(path) && charGone(id) })
 			if err := d.Stop(); !errors.Is(err, ErrClosed) {
