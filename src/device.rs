@@ -101,11 +101,7 @@ impl StopHandle {
     pub fn stop(&self) -> Result<()> {
         // (the queue threads fail what their targets still hold after
         // STOP_GRACE: STOP_DEV waits for every request in flight)
-        for s in self.shared.lock().iter() {
-            s.stopping.store(true, Ordering::Release);
-            s.wake_pending.store(false, Ordering::Release);
-            s.wake();
-        }
+        self.wake_queues(|s| s.stopping.store(true, Ordering::Release));
         let r = Ctrl::open().and_then(|mut c| {
             c.set_unprivileged(self.unprivileged);
             c.stop_dev(self.dev_id, self.timeout)
@@ -129,7 +125,14 @@ impl StopHandle {
     /// Makes the queue threads exit without waiting for the kernel.
     pub(crate) fn force(&self) {
         self.force_exit.store(true, Ordering::Release);
+        self.wake_queues(|_| {});
+    }
+
+    /// Applies `mark` to each started queue, then wakes its thread (also when
+    /// it is awake: it then sees the mark before it sleeps again).
+    fn wake_queues(&self, mark: impl Fn(&QueueShared)) {
         for s in self.shared.lock().iter() {
+            mark(s);
             s.wake_pending.store(false, Ordering::Release);
             s.wake();
         }
@@ -441,7 +444,8 @@ impl Device {
             self.abort_start();
             return Err(e);
         }
-        if self.recovering {
+        let recovered = self.recovering;
+        if recovered {
             self.recovering = false;
             self.info.state = sys::UBLK_S_DEV_LIVE;
             self.info.ublksrv_pid = pid;
@@ -449,14 +453,17 @@ impl Device {
             if let Err(e) = self.write_state() {
                 eprintln!("ublk: device {}: {e}", self.info.dev_id);
             }
+        }
+        let node = wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout);
+        match node {
             // Serving again: the block device node was there all along, and a
             // failure here must not make the caller drop (delete) the device.
-            if let Err(e) = wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout) {
+            Err(e) if recovered => {
                 eprintln!("ublk: device {}: recovered, but {e}", self.info.dev_id);
+                Ok(())
             }
-            return Ok(());
+            r => r,
         }
-        wait_node(&self.block_path(), &format!("/sys/block/ublkb{}/dev", self.info.dev_id), false, self.cfg.timeout)
     }
 
     /// After a failed start: makes the queue threads exit and joins them, so
@@ -593,17 +600,10 @@ impl Device {
         // could delete a new device that took the id meanwhile.
         let id = self.info.dev_id;
         StateFile::remove(&self.cfg.state_dir, id);
-        let del = match self.ctrl.del_dev_async(id, self.cfg.timeout) {
-            Err(e) if e.errno() != libc::ENODEV && e.errno() != libc::ENOENT => {
-                // a kernel before 6.9 (or one refusing it): the old order
-                self.char_file = None;
-                gone_is_done(self.ctrl.del_dev(id, self.cfg.timeout))
-            }
-            r => {
-                self.char_file = None;
-                gone_is_done(r)
-            }
-        };
+        let sent = gone_is_done(self.ctrl.del_dev_async(id, self.cfg.timeout));
+        self.char_file = None;
+        // a kernel before 6.9 (or one refusing it): the old order
+        let del = sent.or_else(|_| gone_is_done(self.ctrl.del_dev(id, self.cfg.timeout)));
         self.exits = None;
         self.info.dev_id = u32::MAX;
         stopped.and(del)

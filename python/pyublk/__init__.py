@@ -21,7 +21,8 @@ Crash recovery: `Device(..., recovery="reissue")` survives its process
 dying; `Device.recover(target, dev_id)` in a new process serves it again.
 """
 
-from ._device import Device, Io, Lease, UblkError, features
+from ._device import Device, features
+from ._io import Io, Lease, UblkError
 from ._lib import (UBLK_DATA_AUTO, UBLK_DATA_AUTO_BUF_REG, UBLK_DATA_COPY, UBLK_DATA_REGISTER,
                    UBLK_DATA_USER_COPY, UBLK_FLAG_FUA, UBLK_FLAG_NOUNMAP, UBLK_RECOVERY_FAIL,
                    UBLK_RECOVERY_NONE, UBLK_RECOVERY_REISSUE, UBLK_RECOVERY_WAIT)

@@ -27,6 +27,7 @@ import struct
 from typing import Any
 
 from . import _lib as L
+from ._io import Io
 
 log = logging.getLogger("pyublk")
 
@@ -236,7 +237,6 @@ class Batcher:
         return _result(r, op)
 
     def _io(self, io: int, op: int, flags: int, off: int, ln: int, qid: int, tag: int) -> Any:
-        from ._device import Io
         return Io._from_fields(self.dev, io, op, flags, off, ln, qid, tag)
 
     def _register(self, io: int, qid: int) -> None:

@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional
 
 from . import _batch
 from . import _lib as L
-from ._io import (_INT_MAX, _INT_MIN, _U32_MAX, _U64_MAX, _NULL_CB, Io, Lease, UblkError, _check, _int_in,  # noqa: F401
-                  _lease_args, _message)
+from ._io import _INT_MAX, _U32_MAX, _U64_MAX, Io, UblkError, _check, _int_in
 
 log = logging.getLogger("pyublk")
 
